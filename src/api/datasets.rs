@@ -1,0 +1,152 @@
+//! `POST /datasets` (archive upload), `GET /datasets`, `GET /datasets/{id}`.
+
+use std::path::{Path as FsPath, PathBuf};
+
+use axum::extract::{Multipart, Path, State};
+use axum::http::{header, StatusCode};
+use axum::Json;
+use serde_json::json;
+use tokio::io::AsyncWriteExt;
+use uuid::Uuid;
+
+use super::{parse_id, AppState};
+use crate::artifacts::Artifacts;
+use crate::data::{self, DataError, IngestOptions};
+use crate::error::{ApiError, FieldError};
+use crate::store::datasets::{self as store, DatasetRow, NewDataset};
+
+/// Form fields of an upload besides the archive itself.
+struct UploadForm {
+    name: Option<String>,
+    options: IngestOptions,
+    /// Bytes of the archive, once streamed to disk.
+    archive_bytes: Option<u64>,
+    filename: Option<String>,
+}
+
+pub async fn create(
+    State(state): State<AppState>,
+    mut multipart: Multipart,
+) -> Result<(StatusCode, [(header::HeaderName, String); 1], Json<DatasetRow>), ApiError> {
+    let upload = RemoveOnDrop(state.artifacts.temp_file(".upload"));
+    let mut form = UploadForm {
+        name: None,
+        options: IngestOptions::default(),
+        archive_bytes: None,
+        filename: None,
+    };
+    let mut errors = Vec::new();
+    while let Some(mut field) = multipart.next_field().await? {
+        let field_name = field.name().unwrap_or_default().to_string();
+        match field_name.as_str() {
+            "file" => {
+                form.filename = field.file_name().map(str::to_string);
+                let mut file = tokio::fs::File::create(&upload.0).await.map_err(internal)?;
+                let mut written = 0u64;
+                while let Some(chunk) = field.chunk().await? {
+                    written += chunk.len() as u64;
+                    file.write_all(&chunk).await.map_err(internal)?;
+                }
+                file.flush().await.map_err(internal)?;
+                form.archive_bytes = Some(written);
+            }
+            "name" => form.name = Some(field.text().await?),
+            "val_fraction" => match field.text().await?.trim().parse::<f64>() {
+                Ok(v) if (0.05..=0.5).contains(&v) => form.options.val_fraction = v,
+                _ => errors.push(FieldError::new("val_fraction", "must be a number in [0.05, 0.5]")),
+            },
+            "seed" => match field.text().await?.trim().parse::<u64>() {
+                Ok(v) => form.options.seed = v,
+                Err(_) => errors.push(FieldError::new("seed", "must be a non-negative integer")),
+            },
+            other => errors.push(FieldError::new(
+                other,
+                "unknown form field; expected file, name, val_fraction or seed",
+            )),
+        }
+    }
+    let Some(bytes) = form.archive_bytes else {
+        errors.push(FieldError::new("file", "missing: attach the zip archive as the `file` form field"));
+        return Err(ApiError::invalid("the upload is incomplete", errors));
+    };
+    if !errors.is_empty() {
+        return Err(ApiError::invalid("some form fields are invalid", errors));
+    }
+
+    let id = Uuid::new_v4();
+    let key = Artifacts::dataset_key(id);
+    let dataset_dir = RemoveOnDrop(state.artifacts.path(&key));
+    let archive = upload.0.clone();
+    let out_dir = dataset_dir.0.clone();
+    let options = form.options.clone();
+    let report = tokio::task::spawn_blocking(move || data::ingest_zip(&archive, &out_dir, &options))
+        .await
+        .map_err(|err| ApiError::Internal(err.into()))?
+        .map_err(|err| match err {
+            DataError::Invalid { detail, errors } => ApiError::invalid(detail, errors),
+            other => ApiError::Internal(other.into()),
+        })?;
+
+    let counts = |per_class: &[i64]| -> serde_json::Map<String, serde_json::Value> {
+        report.classes.iter().cloned().zip(per_class.iter().map(|&n| json!(n))).collect()
+    };
+    let name = form
+        .name
+        .or(form.filename.map(|f| f.trim_end_matches(".zip").to_string()))
+        .unwrap_or_else(|| format!("dataset-{id}"));
+    let row = store::insert(&state.pool, NewDataset {
+        id,
+        name: &name,
+        classes: &report.classes,
+        counts: json!({ "train": counts(&report.train_counts), "val": counts(&report.val_counts) }),
+        num_train: report.train_counts.iter().sum::<i64>() as i32,
+        num_val: report.val_counts.iter().sum::<i64>() as i32,
+        bytes: bytes as i64,
+        artifact_key: &key,
+        report: json!({ "skipped": report.skipped }),
+    })
+    .await?;
+    dataset_dir.keep();
+    tracing::info!(dataset_id = %id, classes = row.classes.len(), images = row.num_train + row.num_val, "dataset stored");
+    Ok((StatusCode::CREATED, [(header::LOCATION, format!("/datasets/{id}"))], Json(row)))
+}
+
+pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<DatasetRow>, ApiError> {
+    let id = parse_id(&id, "dataset")?;
+    store::get(&state.pool, id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound(format!("no dataset with id {id}")))
+}
+
+pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<DatasetRow>>, ApiError> {
+    Ok(Json(store::list(&state.pool).await?))
+}
+
+fn internal(err: std::io::Error) -> ApiError {
+    ApiError::Internal(err.into())
+}
+
+/// Removes a file or directory when dropped, unless kept: a failed or
+/// abandoned upload leaves nothing behind.
+struct RemoveOnDrop(PathBuf);
+
+impl RemoveOnDrop {
+    fn keep(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        remove_path(&self.0);
+    }
+}
+
+fn remove_path(path: &FsPath) {
+    let _ = if path.is_dir() {
+        std::fs::remove_dir_all(path)
+    } else {
+        std::fs::remove_file(path)
+    };
+}

@@ -1,0 +1,140 @@
+//! `POST /jobs`, `GET /jobs`, `GET /jobs/{id}`, `GET /jobs/{id}/metrics`.
+
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderName, StatusCode};
+use axum::Json;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use uuid::Uuid;
+
+use super::extract::ApiJson;
+use super::{parse_id, AppState};
+use crate::error::{ApiError, FieldError};
+use crate::store::jobs::{self as store, JobRow, NewJob};
+use crate::store::metrics::{self, EpochMetrics};
+use crate::store::datasets;
+use crate::train::JobRequest;
+
+const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+/// A job as users see it.
+#[derive(Serialize)]
+pub struct JobView {
+    id: Uuid,
+    dataset_id: Uuid,
+    status: String,
+    config: Value,
+    priority: i32,
+    attempts: i32,
+    max_attempts: i32,
+    /// Last finished epoch.
+    epoch: i32,
+    epochs: i64,
+    best_epoch: Option<i32>,
+    /// Validation accuracy of the best epoch.
+    best_val_accuracy: Option<f64>,
+    error: Option<String>,
+    /// The model this job produced, once it succeeded.
+    model_id: Option<Uuid>,
+    created_at: DateTime<Utc>,
+    started_at: Option<DateTime<Utc>>,
+    finished_at: Option<DateTime<Utc>>,
+    updated_at: DateTime<Utc>,
+}
+
+impl JobView {
+    fn new(job: JobRow) -> Self {
+        Self {
+            epochs: job.config.0.get("epochs").and_then(Value::as_i64).unwrap_or(0),
+            id: job.id,
+            dataset_id: job.dataset_id,
+            status: job.status,
+            config: job.config.0,
+            priority: job.priority,
+            attempts: job.attempts,
+            max_attempts: job.max_attempts,
+            epoch: job.epoch,
+            best_epoch: job.best_epoch,
+            best_val_accuracy: job.best_metric,
+            error: job.error,
+            model_id: job.model_id,
+            created_at: job.created_at,
+            started_at: job.started_at,
+            finished_at: job.finished_at,
+            updated_at: job.updated_at,
+        }
+    }
+}
+
+pub async fn create(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiJson(request): ApiJson<JobRequest>,
+) -> Result<(StatusCode, [(HeaderName, String); 1], Json<JobView>), ApiError> {
+    let key = match headers.get(IDEMPOTENCY_KEY) {
+        Some(value) => Some(
+            value
+                .to_str()
+                .ok()
+                .filter(|k| !k.is_empty() && k.len() <= 255)
+                .ok_or_else(|| {
+                    ApiError::invalid("invalid header", vec![FieldError::new(
+                        "header:Idempotency-Key",
+                        "must be 1 to 255 visible ASCII characters",
+                    )])
+                })?,
+        ),
+        None => None,
+    };
+    let job = request
+        .validate(&state.weights_dir)
+        .map_err(|errors| ApiError::invalid("the job configuration is invalid", errors))?;
+    if datasets::get(&state.pool, job.dataset_id).await?.is_none() {
+        return Err(ApiError::invalid("the job configuration is invalid", vec![FieldError::new(
+            "dataset_id",
+            format!("no dataset with id {}", job.dataset_id),
+        )]));
+    }
+    let (row, created) = store::enqueue(&state.pool, NewJob {
+        dataset_id: job.dataset_id,
+        config: serde_json::to_value(&job.config).map_err(|e| ApiError::Internal(e.into()))?,
+        priority: job.priority,
+        max_attempts: job.max_attempts,
+        idempotency_key: key,
+    })
+    .await?;
+    if created {
+        tracing::info!(job_id = %row.id, "job queued");
+    }
+    let location = format!("/jobs/{}", row.id);
+    Ok((StatusCode::ACCEPTED, [(header::LOCATION, location)], Json(JobView::new(row))))
+}
+
+pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<JobView>, ApiError> {
+    Ok(Json(JobView::new(find(&state, &id).await?)))
+}
+
+pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<JobView>>, ApiError> {
+    let jobs = store::list(&state.pool).await?;
+    Ok(Json(jobs.into_iter().map(JobView::new).collect()))
+}
+
+#[derive(Serialize)]
+pub struct MetricsView {
+    job_id: Uuid,
+    epochs: Vec<EpochMetrics>,
+}
+
+pub async fn metrics(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<MetricsView>, ApiError> {
+    let job = find(&state, &id).await?;
+    let epochs = metrics::for_job(&state.pool, job.id).await?;
+    Ok(Json(MetricsView { job_id: job.id, epochs }))
+}
+
+async fn find(state: &AppState, raw_id: &str) -> Result<JobRow, ApiError> {
+    let id = parse_id(raw_id, "job")?;
+    store::get(&state.pool, id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no job with id {id}")))
+}

@@ -1,0 +1,189 @@
+//! Wiring: the database (embedded or external), workers and the HTTP server,
+//! run together and shut down together.
+
+use std::future::Future;
+use std::time::Duration;
+
+use anyhow::Context;
+use sqlx::PgPool;
+use tch::Device;
+use tokio::sync::watch;
+
+use crate::api::{self, AppState};
+use crate::artifacts::Artifacts;
+use crate::config::Config;
+use crate::models;
+use crate::serve::Predictor;
+use crate::store::{self, EmbeddedPostgres};
+use crate::train::Worker;
+
+/// Loaded models the inference thread keeps in memory.
+const MODEL_CACHE_CAPACITY: usize = 4;
+/// A claim lives this long without a heartbeat (heartbeats come every third of it).
+const LEASE: Duration = Duration::from_secs(60);
+/// An idle worker looks at the queue at least this often, notifications aside.
+const IDLE_POLL: Duration = Duration::from_secs(5);
+
+/// The database the service runs on, and the embedded server if it started one.
+pub struct Database {
+    pub pool: PgPool,
+    pub embedded: Option<EmbeddedPostgres>,
+}
+
+impl Database {
+    /// Connects to `DATABASE_URL`, or starts the private cluster under the
+    /// data directory; migrations are applied either way.
+    pub async fn open(config: &Config) -> anyhow::Result<Self> {
+        if let Some(url) = &config.database_url {
+            let pool = store::connect(url).await.context("connecting to DATABASE_URL")?;
+            tracing::info!("using the Postgres server at DATABASE_URL");
+            return Ok(Self { pool, embedded: None });
+        }
+        let dir = config.data_dir.join("postgres");
+        let bin_dir = config.pg_bin_dir.clone();
+        let pg = tokio::task::spawn_blocking(move || EmbeddedPostgres::start(&dir, bin_dir.as_deref())).await??;
+        tracing::info!(dir = %pg.dir().display(), "no DATABASE_URL: using the embedded Postgres under the data directory");
+        let pool = store::connect(&pg.url()).await.context("connecting to the embedded Postgres")?;
+        Ok(Self { pool, embedded: Some(pg) })
+    }
+
+    pub async fn close(self) {
+        self.pool.close().await;
+        if let Some(pg) = self.embedded {
+            if let Err(err) = tokio::task::spawn_blocking(move || pg.stop()).await {
+                tracing::warn!(error = %err, "stopping the embedded Postgres failed");
+            }
+        }
+    }
+}
+
+/// The devices workers train on: every CUDA device for `auto`, else the CPU.
+pub fn worker_devices(config: &Config) -> anyhow::Result<Vec<Device>> {
+    let device = models::parse_device(&config.device).map_err(anyhow::Error::msg)?;
+    let cuda = tch::Cuda::device_count() as usize;
+    Ok((0..config.workers)
+        .map(|i| match (config.device.as_str(), device) {
+            ("auto", Device::Cuda(_)) if cuda > 0 => Device::Cuda(i % cuda),
+            _ => device,
+        })
+        .collect())
+}
+
+fn artifacts(config: &Config) -> anyhow::Result<Artifacts> {
+    Artifacts::open(config.data_dir.join("artifacts")).context("opening the artifacts directory")
+}
+
+fn spawn_workers(
+    config: &Config,
+    pool: &PgPool,
+    artifacts: &Artifacts,
+    shutdown: &watch::Receiver<bool>,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<anyhow::Result<()>>>> {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into());
+    let devices = worker_devices(config)?;
+    Ok(devices
+        .into_iter()
+        .enumerate()
+        .map(|(i, device)| {
+            let worker = Worker {
+                id: format!("{host}-{}-{i}", std::process::id()),
+                pool: pool.clone(),
+                artifacts: artifacts.clone(),
+                weights_dir: config.weights_dir(),
+                device,
+                lease: LEASE,
+                idle_poll: IDLE_POLL,
+            };
+            tokio::spawn(worker.run(shutdown.clone()))
+        })
+        .collect())
+}
+
+fn prepare_torch(config: &Config) {
+    tch::set_num_threads(config.torch_threads() as i32);
+    tracing::info!(
+        threads = config.torch_threads(),
+        cuda_devices = tch::Cuda::device_count(),
+        "libtorch ready"
+    );
+}
+
+/// Runs the HTTP API and in-process workers until `shutdown` resolves.
+pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    prepare_torch(&config);
+    let db = Database::open(&config).await?;
+    let artifacts = artifacts(&config)?;
+    let device = models::parse_device(&config.device).map_err(anyhow::Error::msg)?;
+    let state = AppState {
+        pool: db.pool.clone(),
+        artifacts: artifacts.clone(),
+        predictor: Predictor::start(device, MODEL_CACHE_CAPACITY)?,
+        weights_dir: config.weights_dir(),
+        max_upload_bytes: config.max_upload_bytes,
+        max_predict_bytes: config.max_predict_bytes,
+    };
+    for spec in models::CATALOGUE {
+        if !spec.weights_path(&state.weights_dir).exists() {
+            tracing::warn!(backbone = spec.name, path = %spec.weights_path(&state.weights_dir).display(),
+                "pretrained weights missing: jobs on this backbone are refused (scripts/setup installs them)");
+        }
+    }
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let workers = spawn_workers(&config, &db.pool, &artifacts, &stop_rx)?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    tracing::info!(listen = %config.listen, workers = workers.len(), "serving");
+    axum::serve(listener, api::router(state))
+        .with_graceful_shutdown(shutdown)
+        .await?;
+
+    tracing::info!("shutting down: stopping workers");
+    let _ = stop_tx.send(true);
+    for worker in workers {
+        if let Ok(Err(err)) = worker.await {
+            tracing::error!(error = ?err, "worker ended with an error");
+        }
+    }
+    db.close().await;
+    Ok(())
+}
+
+/// Runs workers without the HTTP API (for extra GPU hosts).
+pub async fn work(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    prepare_torch(&config);
+    let db = Database::open(&config).await?;
+    let artifacts = artifacts(&config)?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let workers = spawn_workers(&config, &db.pool, &artifacts, &stop_rx)?;
+    tracing::info!(workers = workers.len(), "working");
+    shutdown.await;
+    let _ = stop_tx.send(true);
+    for worker in workers {
+        if let Ok(Err(err)) = worker.await {
+            tracing::error!(error = ?err, "worker ended with an error");
+        }
+    }
+    db.close().await;
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut sig) => {
+                sig.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("SIGINT received"),
+        _ = terminate => tracing::info!("SIGTERM received"),
+    }
+}

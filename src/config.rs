@@ -1,0 +1,91 @@
+//! Every setting of the service, from flags with environment fallbacks.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Args;
+
+/// Settings shared by `serve` and `worker`.
+#[derive(Args, Clone)]
+pub struct Config {
+    /// Address the HTTP API listens on.
+    #[arg(long, env = "FINETUNED_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Directory for the embedded Postgres cluster, artifacts and weights.
+    #[arg(long, env = "FINETUNED_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+
+    /// Postgres server to use. Without it, a private cluster is started
+    /// under `<data-dir>/postgres` from the machine's Postgres binaries.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+
+    /// Directory holding pretrained backbone weights (`<backbone>.safetensors`).
+    /// Defaults to `<data-dir>/weights`.
+    #[arg(long, env = "FINETUNED_WEIGHTS_DIR")]
+    pub weights_dir: Option<PathBuf>,
+
+    /// Directory of the Postgres server binaries (initdb, pg_ctl) for the
+    /// embedded cluster. Found on PATH or under /usr/lib/postgresql when unset.
+    #[arg(long, env = "FINETUNED_PG_BIN_DIR")]
+    pub pg_bin_dir: Option<PathBuf>,
+
+    /// Training workers run by this process (0: API only).
+    #[arg(long, env = "FINETUNED_WORKERS", default_value_t = 1)]
+    pub workers: usize,
+
+    /// Device for training and inference: `auto` (CUDA when present), `cpu`, or `cuda:N`.
+    #[arg(long, env = "FINETUNED_DEVICE", default_value = "auto")]
+    pub device: String,
+
+    /// libtorch intra-op threads. 0 picks half the cores (at least 1); on
+    /// small machines one thread per process is measurably faster than two.
+    #[arg(long, env = "FINETUNED_TORCH_THREADS", default_value_t = 0)]
+    pub torch_threads: usize,
+
+    /// Largest accepted dataset upload, in bytes.
+    #[arg(long, env = "FINETUNED_MAX_UPLOAD_BYTES", default_value_t = 2 * 1024 * 1024 * 1024)]
+    pub max_upload_bytes: usize,
+
+    /// Largest accepted `/predict` request, in bytes.
+    #[arg(long, env = "FINETUNED_MAX_PREDICT_BYTES", default_value_t = 20 * 1024 * 1024)]
+    pub max_predict_bytes: usize,
+
+    /// Log format: `text` or `json`.
+    #[arg(long, env = "FINETUNED_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+}
+
+impl Config {
+    pub fn weights_dir(&self) -> PathBuf {
+        self.weights_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("weights"))
+    }
+
+    pub fn torch_threads(&self) -> usize {
+        if self.torch_threads > 0 {
+            return self.torch_threads;
+        }
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (cores / 2).max(1)
+    }
+}
+
+/// The database URL carries a password; never print it.
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .field("data_dir", &self.data_dir)
+            .field("database_url", &self.database_url.as_ref().map(|_| "<redacted>"))
+            .field("weights_dir", &self.weights_dir())
+            .field("workers", &self.workers)
+            .field("device", &self.device)
+            .field("torch_threads", &self.torch_threads())
+            .field("max_upload_bytes", &self.max_upload_bytes)
+            .field("max_predict_bytes", &self.max_predict_bytes)
+            .finish()
+    }
+}

@@ -1,0 +1,166 @@
+//! Reads a zip archive of class folders into labelled image entries.
+//!
+//! Accepted layouts: `class/*`, or `train/class/*` + `val/class/*`, either
+//! one optionally wrapped in a single top-level folder (what zipping a folder
+//! produces). Operating-system litter and non-images are skipped and
+//! reported; unsafe paths reject the whole archive.
+
+use std::io::Read;
+use std::path::Path;
+
+use crate::error::FieldError;
+
+use super::{DataError, Skipped};
+
+/// Which split a file was placed in by the archive's own layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GivenSplit {
+    Train,
+    Val,
+}
+
+/// An image file found in the archive, not yet decoded.
+pub struct Entry {
+    pub path: String,
+    pub class: String,
+    pub split: Option<GivenSplit>,
+    pub bytes: Vec<u8>,
+}
+
+const IMAGE_EXTENSIONS: &[&str] = &[
+    "jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff",
+];
+const SPLIT_DIRS: &[(&str, GivenSplit)] = &[
+    ("train", GivenSplit::Train),
+    ("val", GivenSplit::Val),
+    ("valid", GivenSplit::Val),
+    ("validation", GivenSplit::Val),
+];
+
+/// Reads every image entry of the zip at `path`.
+pub fn read_zip(path: &Path) -> Result<(Vec<Entry>, Vec<Skipped>), DataError> {
+    let file = std::fs::File::open(path)?;
+    let mut zip = zip::ZipArchive::new(file).map_err(|err| {
+        DataError::invalid(
+            "the upload is not a readable zip archive",
+            vec![FieldError::new("file", err.to_string())],
+        )
+    })?;
+
+    let mut files: Vec<(usize, Vec<String>)> = Vec::new();
+    let mut skipped = Vec::new();
+    let mut unsafe_paths = Vec::new();
+    for index in 0..zip.len() {
+        let entry = zip.by_index_raw(index).map_err(corrupt)?;
+        if entry.is_dir() {
+            continue;
+        }
+        let name = entry.name().to_string();
+        if entry.enclosed_name().is_none() || entry.is_symlink() {
+            unsafe_paths.push(FieldError::new(
+                format!("file:{name}"),
+                "unsafe path (absolute, `..` or symlink)",
+            ));
+            continue;
+        }
+        let parts: Vec<String> = name
+            .split('/')
+            .filter(|p| !p.is_empty())
+            .map(str::to_string)
+            .collect();
+        if is_litter(&parts) {
+            continue;
+        }
+        let extension = parts
+            .last()
+            .and_then(|f| f.rsplit_once('.'))
+            .map(|(_, ext)| ext.to_ascii_lowercase());
+        if !extension.is_some_and(|ext| IMAGE_EXTENSIONS.contains(&ext.as_str())) {
+            skipped.push(Skipped::new(&name, "not an image file"));
+            continue;
+        }
+        files.push((index, parts));
+    }
+    if !unsafe_paths.is_empty() {
+        return Err(DataError::invalid(
+            "the archive contains unsafe paths",
+            unsafe_paths,
+        ));
+    }
+
+    strip_wrapper_folder(&mut files);
+    let split_layout = files
+        .iter()
+        .any(|(_, parts)| parts.len() >= 3 && split_of(&parts[0]).is_some());
+
+    let mut entries = Vec::new();
+    for (index, parts) in files {
+        let name = parts.join("/");
+        let (split, class) = match (split_layout, parts.len()) {
+            (true, n) if n >= 3 => match split_of(&parts[0]) {
+                Some(split) => (Some(split), parts[1].clone()),
+                None => {
+                    skipped.push(Skipped::new(&name, "outside the train/ and val/ folders"));
+                    continue;
+                }
+            },
+            (false, n) if n >= 2 => (None, parts[0].clone()),
+            _ => {
+                skipped.push(Skipped::new(&name, "not inside a class folder"));
+                continue;
+            }
+        };
+        let mut entry = zip.by_index(index).map_err(corrupt)?;
+        let mut bytes = Vec::with_capacity(entry.size() as usize);
+        if let Err(err) = entry.read_to_end(&mut bytes) {
+            skipped.push(Skipped::new(&name, format!("unreadable in the archive: {err}")));
+            continue;
+        }
+        entries.push(Entry {
+            path: name,
+            class,
+            split,
+            bytes,
+        });
+    }
+    Ok((entries, skipped))
+}
+
+fn corrupt(err: zip::result::ZipError) -> DataError {
+    DataError::invalid(
+        "the zip archive is corrupt",
+        vec![FieldError::new("file", err.to_string())],
+    )
+}
+
+fn split_of(dir: &str) -> Option<GivenSplit> {
+    let dir = dir.to_ascii_lowercase();
+    SPLIT_DIRS
+        .iter()
+        .find(|(name, _)| *name == dir)
+        .map(|(_, split)| *split)
+}
+
+/// macOS resource forks, Finder and Explorer metadata, hidden files.
+fn is_litter(parts: &[String]) -> bool {
+    parts.iter().any(|p| p.starts_with('.') || p == "__MACOSX")
+        || parts
+            .last()
+            .is_some_and(|f| f.eq_ignore_ascii_case("thumbs.db") || f.eq_ignore_ascii_case("desktop.ini"))
+}
+
+/// Zipping a folder wraps everything in it; a single common top folder that
+/// is not itself a split folder is dropped.
+fn strip_wrapper_folder(files: &mut [(usize, Vec<String>)]) {
+    let Some(first) = files.first().map(|(_, parts)| parts[0].clone()) else {
+        return;
+    };
+    let all_wrapped = files
+        .iter()
+        .all(|(_, parts)| parts.len() >= 3 && parts[0] == first);
+    if all_wrapped && split_of(&first).is_none() {
+        for (_, parts) in files.iter_mut() {
+            parts.remove(0);
+        }
+    }
+}

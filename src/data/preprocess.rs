@@ -1,0 +1,103 @@
+//! The one preprocessing path. Training, evaluation and `/predict` all go
+//! through these two functions, so a served model sees exactly what its
+//! evaluation saw.
+//!
+//! 1. [`decode_canonical`] (once per image, at ingest or at request time):
+//!    decode, convert to RGB, resize the shorter side to [`STORED_SIZE`] and
+//!    center-crop to a square, kept as uint8 CHW.
+//! 2. [`model_input`] (per batch, as tensor ops on the model's device):
+//!    center-crop the classic 224/256 fraction, resize to the model's input
+//!    size, scale to [0, 1], normalize by the backbone's mean and std.
+
+use std::io::Cursor;
+
+use image::imageops::FilterType;
+use image::{ImageReader, Limits};
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+/// Side of the stored square images.
+pub const STORED_SIZE: u32 = 256;
+/// Bytes of one stored image (3 × 256 × 256).
+pub const STORED_BYTES: usize = 3 * (STORED_SIZE * STORED_SIZE) as usize;
+/// Side of the center crop taken from a stored image before resizing
+/// (the 224-of-256 crop torchvision's ImageNet evaluation uses).
+const CROP_SIZE: i64 = 224;
+/// Images larger than this many pixels are refused before full decode.
+const MAX_PIXELS: u64 = 64 * 1024 * 1024;
+
+/// Per-channel normalization the backbone's weights were trained with.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct Normalization {
+    pub mean: [f64; 3],
+    pub std: [f64; 3],
+}
+
+impl Normalization {
+    pub const IMAGENET: Normalization = Normalization {
+        mean: [0.485, 0.456, 0.406],
+        std: [0.229, 0.224, 0.225],
+    };
+}
+
+/// Decodes an encoded image into its canonical stored form: `STORED_BYTES`
+/// of uint8 RGB, channels first.
+pub fn decode_canonical(bytes: &[u8]) -> Result<Vec<u8>, String> {
+    let mut reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| e.to_string())?;
+    let mut limits = Limits::default();
+    limits.max_alloc = Some(MAX_PIXELS * 4);
+    reader.limits(limits);
+    let (width, height) = reader.into_dimensions().map_err(|e| e.to_string())?;
+    if u64::from(width) * u64::from(height) > MAX_PIXELS {
+        return Err(format!(
+            "{width}x{height} pixels is more than the {MAX_PIXELS}-pixel limit"
+        ));
+    }
+    let image = image::load_from_memory(bytes).map_err(|e| e.to_string())?;
+    let rgb = image
+        .resize_to_fill(STORED_SIZE, STORED_SIZE, FilterType::Triangle)
+        .to_rgb8();
+    let plane = (STORED_SIZE * STORED_SIZE) as usize;
+    let mut chw = vec![0u8; STORED_BYTES];
+    for (i, pixel) in rgb.pixels().enumerate() {
+        chw[i] = pixel[0];
+        chw[plane + i] = pixel[1];
+        chw[2 * plane + i] = pixel[2];
+    }
+    Ok(chw)
+}
+
+/// Turns canonical images into model input. Accepts uint8 `[N, 3, 256, 256]`
+/// on any device; returns float `[N, 3, size, size]` on the same device.
+pub fn model_input(stored: &Tensor, image_size: i64, norm: &Normalization) -> Tensor {
+    let offset = (i64::from(STORED_SIZE) - CROP_SIZE) / 2;
+    let crop = stored
+        .narrow(2, offset, CROP_SIZE)
+        .narrow(3, offset, CROP_SIZE)
+        .to_kind(Kind::Float)
+        / 255.0;
+    let resized = if image_size == CROP_SIZE {
+        crop
+    } else {
+        crop.internal_upsample_bilinear2d_aa([image_size, image_size], false, None, None)
+    };
+    let device = stored.device();
+    let mean = Tensor::from_slice(&norm.mean)
+        .to_kind(Kind::Float)
+        .view([1, 3, 1, 1])
+        .to_device(device);
+    let std = Tensor::from_slice(&norm.std)
+        .to_kind(Kind::Float)
+        .view([1, 3, 1, 1])
+        .to_device(device);
+    (resized - mean) / std
+}
+
+/// Stacks canonical images (each `STORED_BYTES` long) into a uint8 tensor.
+pub fn stack_canonical(images: &[Vec<u8>]) -> Tensor {
+    let side = i64::from(STORED_SIZE);
+    let flat: Vec<u8> = images.concat();
+    Tensor::from_slice(&flat).view([images.len() as i64, 3, side, side])
+}

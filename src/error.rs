@@ -1,0 +1,158 @@
+//! The HTTP error type. Every error leaves as RFC 9457 `application/problem+json`.
+
+use axum::extract::multipart::MultipartError;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+/// One offending input: where it is (a JSON field, a form part, a file in an
+/// archive) and what is wrong with it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct FieldError {
+    pub path: String,
+    pub reason: String,
+}
+
+impl FieldError {
+    pub fn new(path: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            path: path.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 400: the request could not be read at all.
+    #[error("{0}")]
+    BadRequest(String),
+    /// 404: the addressed resource does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// 405: the path exists but not with this method.
+    #[error("{0}")]
+    MethodNotAllowed(String),
+    /// 409: the request conflicts with the current state.
+    #[error("{0}")]
+    Conflict(String),
+    /// 413: the body is larger than the configured limit.
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    /// 422: the request was read but its content is invalid.
+    #[error("{detail}")]
+    Invalid {
+        detail: String,
+        errors: Vec<FieldError>,
+    },
+    /// 503: a dependency is not ready.
+    #[error("{0}")]
+    Unavailable(String),
+    /// 500: logged in full, shown to clients only as a generic message.
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+impl ApiError {
+    pub fn invalid(detail: impl Into<String>, errors: Vec<FieldError>) -> Self {
+        Self::Invalid {
+            detail: detail.into(),
+            errors,
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Conflict(_) => StatusCode::CONFLICT,
+            Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Problem<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    title: &'a str,
+    status: u16,
+    detail: String,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    errors: &'a [FieldError],
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let detail = match &self {
+            Self::Internal(err) => {
+                tracing::error!(error = ?err, "internal error");
+                "internal error; the server log has the details".to_string()
+            }
+            other => other.to_string(),
+        };
+        let errors = match &self {
+            Self::Invalid { errors, .. } => errors.as_slice(),
+            _ => &[],
+        };
+        let body = Problem {
+            kind: "about:blank",
+            title: status.canonical_reason().unwrap_or("Error"),
+            status: status.as_u16(),
+            detail,
+            errors,
+        };
+        let json = serde_json::to_vec(&body).expect("problem serializes");
+        (
+            status,
+            [(header::CONTENT_TYPE, "application/problem+json")],
+            json,
+        )
+            .into_response()
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(err: sqlx::Error) -> Self {
+        Self::Internal(err.into())
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        match rejection {
+            JsonRejection::JsonDataError(err) => {
+                ApiError::invalid("the JSON body does not match the schema", vec![FieldError::new(
+                    "body",
+                    std::error::Error::source(&err).map_or_else(|| err.body_text(), |s| s.to_string()),
+                )])
+            }
+            other => ApiError::BadRequest(other.body_text()),
+        }
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> Self {
+        ApiError::invalid("invalid query parameters", vec![FieldError::new(
+            "query",
+            rejection.body_text(),
+        )])
+    }
+}
+
+impl From<MultipartError> for ApiError {
+    fn from(err: MultipartError) -> Self {
+        if err.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge(format!("request body too large: {}", err.body_text()))
+        } else {
+            ApiError::BadRequest(format!("malformed multipart body: {}", err.body_text()))
+        }
+    }
+}

@@ -1,0 +1,27 @@
+//! finetuned: transfer learning for image classification over HTTP.
+//!
+//! # Layout
+//!
+//! - [`config`]: every setting, from flags and environment variables.
+//! - [`error`]: the HTTP error type, rendered as RFC 9457 problem+json.
+//! - [`api`]: the axum router, one module per resource; never holds a tensor.
+//! - [`store`]: Postgres through sqlx (one module per table group), the job
+//!   queue, and the embedded private cluster used when no `DATABASE_URL` is set.
+//! - [`artifacts`]: where uploaded archives, decoded datasets and checkpoints live.
+//! - [`data`]: archive ingest, validation, train/val split, and the one
+//!   preprocessing path shared by training, evaluation and prediction.
+//! - [`models`]: the backbone catalogue, backbone networks, classifier heads.
+//! - [`train`]: job configuration, the training loop, metrics, the worker pool.
+//! - [`serve`]: the inference thread that loads checkpoints and predicts.
+//! - [`app`]: wiring: start the database, workers and HTTP server together.
+
+pub mod api;
+pub mod app;
+pub mod artifacts;
+pub mod config;
+pub mod data;
+pub mod error;
+pub mod models;
+pub mod serve;
+pub mod store;
+pub mod train;

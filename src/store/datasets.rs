@@ -1,0 +1,68 @@
+//! The `datasets` table.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::types::Json;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct DatasetRow {
+    pub id: Uuid,
+    pub name: String,
+    pub status: String,
+    pub classes: Json<Vec<String>>,
+    pub counts: Json<Value>,
+    pub num_train: i32,
+    pub num_val: i32,
+    pub bytes: i64,
+    #[serde(skip)]
+    pub artifact_key: String,
+    pub report: Json<Value>,
+    pub created_at: DateTime<Utc>,
+}
+
+pub struct NewDataset<'a> {
+    pub id: Uuid,
+    pub name: &'a str,
+    pub classes: &'a [String],
+    pub counts: Value,
+    pub num_train: i32,
+    pub num_val: i32,
+    pub bytes: i64,
+    pub artifact_key: &'a str,
+    pub report: Value,
+}
+
+pub async fn insert(pool: &PgPool, new: NewDataset<'_>) -> sqlx::Result<DatasetRow> {
+    sqlx::query_as(
+        "INSERT INTO datasets (id, name, status, classes, counts, num_train, num_val, bytes, artifact_key, report)
+         VALUES ($1, $2, 'ready', $3, $4, $5, $6, $7, $8, $9)
+         RETURNING *",
+    )
+    .bind(new.id)
+    .bind(new.name)
+    .bind(Json(new.classes))
+    .bind(Json(new.counts))
+    .bind(new.num_train)
+    .bind(new.num_val)
+    .bind(new.bytes)
+    .bind(new.artifact_key)
+    .bind(Json(new.report))
+    .fetch_one(pool)
+    .await
+}
+
+pub async fn get(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<DatasetRow>> {
+    sqlx::query_as("SELECT * FROM datasets WHERE id = $1")
+        .bind(id)
+        .fetch_optional(pool)
+        .await
+}
+
+pub async fn list(pool: &PgPool) -> sqlx::Result<Vec<DatasetRow>> {
+    sqlx::query_as("SELECT * FROM datasets ORDER BY created_at DESC")
+        .fetch_all(pool)
+        .await
+}

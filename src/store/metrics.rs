@@ -1,0 +1,124 @@
+//! `epoch_metrics` and `checkpoints`: the record of each training epoch.
+
+use serde::{Deserialize, Serialize};
+use sqlx::types::Json;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+/// Precision, recall and F1 of one class on the validation split.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ClassMetrics {
+    pub label: String,
+    pub precision: f64,
+    pub recall: f64,
+    pub f1: f64,
+    pub support: i64,
+}
+
+/// What one finished epoch measured.
+#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow)]
+pub struct EpochMetrics {
+    pub epoch: i32,
+    pub train_loss: f64,
+    pub train_accuracy: f64,
+    pub val_loss: f64,
+    pub val_accuracy: f64,
+    pub val_macro_f1: f64,
+    pub learning_rate: f64,
+    pub images_per_second: f64,
+    pub seconds: f64,
+    pub per_class: Json<Vec<ClassMetrics>>,
+    /// Rows are true labels, columns predicted labels, in label order.
+    pub confusion_matrix: Json<Vec<Vec<i64>>>,
+}
+
+/// Records an epoch; a retried attempt overwrites the epoch it repeats.
+pub async fn record_epoch(
+    pool: &PgPool,
+    job_id: Uuid,
+    run_id: Uuid,
+    m: &EpochMetrics,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO epoch_metrics (job_id, epoch, run_id, train_loss, train_accuracy, val_loss,
+             val_accuracy, val_macro_f1, learning_rate, images_per_second, seconds, per_class,
+             confusion_matrix)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+         ON CONFLICT (job_id, epoch) DO UPDATE SET
+             run_id = EXCLUDED.run_id, train_loss = EXCLUDED.train_loss,
+             train_accuracy = EXCLUDED.train_accuracy, val_loss = EXCLUDED.val_loss,
+             val_accuracy = EXCLUDED.val_accuracy, val_macro_f1 = EXCLUDED.val_macro_f1,
+             learning_rate = EXCLUDED.learning_rate, images_per_second = EXCLUDED.images_per_second,
+             seconds = EXCLUDED.seconds, per_class = EXCLUDED.per_class,
+             confusion_matrix = EXCLUDED.confusion_matrix, created_at = now()",
+    )
+    .bind(job_id)
+    .bind(m.epoch)
+    .bind(run_id)
+    .bind(m.train_loss)
+    .bind(m.train_accuracy)
+    .bind(m.val_loss)
+    .bind(m.val_accuracy)
+    .bind(m.val_macro_f1)
+    .bind(m.learning_rate)
+    .bind(m.images_per_second)
+    .bind(m.seconds)
+    .bind(&m.per_class)
+    .bind(&m.confusion_matrix)
+    .execute(pool)
+    .await?;
+    sqlx::query("UPDATE jobs SET epoch = $2, updated_at = now() WHERE id = $1")
+        .bind(job_id)
+        .bind(m.epoch)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+pub async fn for_job(pool: &PgPool, job_id: Uuid) -> sqlx::Result<Vec<EpochMetrics>> {
+    sqlx::query_as(
+        "SELECT epoch, train_loss, train_accuracy, val_loss, val_accuracy, val_macro_f1,
+             learning_rate, images_per_second, seconds, per_class, confusion_matrix
+         FROM epoch_metrics WHERE job_id = $1 ORDER BY epoch",
+    )
+    .bind(job_id)
+    .fetch_all(pool)
+    .await
+}
+
+/// Records a new best checkpoint: it becomes the job's only `is_best` one.
+pub async fn record_best_checkpoint(
+    pool: &PgPool,
+    job_id: Uuid,
+    run_id: Uuid,
+    epoch: i32,
+    artifact_key: &str,
+    metric: f64,
+) -> sqlx::Result<()> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("UPDATE checkpoints SET is_best = false WHERE job_id = $1 AND is_best")
+        .bind(job_id)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(
+        "INSERT INTO checkpoints (id, job_id, run_id, epoch, artifact_key, metric, is_best)
+         VALUES ($1, $2, $3, $4, $5, $6, true)",
+    )
+    .bind(Uuid::new_v4())
+    .bind(job_id)
+    .bind(run_id)
+    .bind(epoch)
+    .bind(artifact_key)
+    .bind(metric)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "UPDATE jobs SET best_epoch = $2, best_metric = $3, updated_at = now() WHERE id = $1",
+    )
+    .bind(job_id)
+    .bind(epoch)
+    .bind(metric)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await
+}

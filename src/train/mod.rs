@@ -1,0 +1,10 @@
+//! Training: job configuration, the loop, its metrics, and the workers that
+//! take jobs from the queue.
+
+pub mod config;
+pub mod metrics;
+pub mod trainer;
+pub mod worker;
+
+pub use config::{JobConfig, JobRequest};
+pub use worker::{Outcome, Worker};
