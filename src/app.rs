@@ -35,16 +35,28 @@ impl Database {
     /// data directory; migrations are applied either way.
     pub async fn open(config: &Config) -> anyhow::Result<Self> {
         if let Some(url) = &config.database_url {
-            let pool = store::connect(url).await.context("connecting to DATABASE_URL")?;
+            let pool = store::connect(url)
+                .await
+                .context("connecting to DATABASE_URL")?;
             tracing::info!("using the Postgres server at DATABASE_URL");
-            return Ok(Self { pool, embedded: None });
+            return Ok(Self {
+                pool,
+                embedded: None,
+            });
         }
         let dir = config.data_dir.join("postgres");
         let bin_dir = config.pg_bin_dir.clone();
-        let pg = tokio::task::spawn_blocking(move || EmbeddedPostgres::start(&dir, bin_dir.as_deref())).await??;
+        let pg =
+            tokio::task::spawn_blocking(move || EmbeddedPostgres::start(&dir, bin_dir.as_deref()))
+                .await??;
         tracing::info!(dir = %pg.dir().display(), "no DATABASE_URL: using the embedded Postgres under the data directory");
-        let pool = store::connect(&pg.url()).await.context("connecting to the embedded Postgres")?;
-        Ok(Self { pool, embedded: Some(pg) })
+        let pool = store::connect(&pg.url())
+            .await
+            .context("connecting to the embedded Postgres")?;
+        Ok(Self {
+            pool,
+            embedded: Some(pg),
+        })
     }
 
     pub async fn close(self) {
@@ -109,7 +121,10 @@ fn prepare_torch(config: &Config) {
 }
 
 /// Runs the HTTP API and in-process workers until `shutdown` resolves.
-pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+pub async fn serve(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     prepare_torch(&config);
     let db = Database::open(&config).await?;
     let artifacts = artifacts(&config)?;
@@ -151,7 +166,10 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
 }
 
 /// Runs workers without the HTTP API (for extra GPU hosts).
-pub async fn work(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+pub async fn work(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     prepare_torch(&config);
     let db = Database::open(&config).await?;
     let artifacts = artifacts(&config)?;

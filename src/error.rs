@@ -127,12 +127,14 @@ impl From<sqlx::Error> for ApiError {
 impl From<JsonRejection> for ApiError {
     fn from(rejection: JsonRejection) -> Self {
         match rejection {
-            JsonRejection::JsonDataError(err) => {
-                ApiError::invalid("the JSON body does not match the schema", vec![FieldError::new(
+            JsonRejection::JsonDataError(err) => ApiError::invalid(
+                "the JSON body does not match the schema",
+                vec![FieldError::new(
                     "body",
-                    std::error::Error::source(&err).map_or_else(|| err.body_text(), |s| s.to_string()),
-                )])
-            }
+                    std::error::Error::source(&err)
+                        .map_or_else(|| err.body_text(), |s| s.to_string()),
+                )],
+            ),
             other => ApiError::BadRequest(other.body_text()),
         }
     }
@@ -140,10 +142,10 @@ impl From<JsonRejection> for ApiError {
 
 impl From<QueryRejection> for ApiError {
     fn from(rejection: QueryRejection) -> Self {
-        ApiError::invalid("invalid query parameters", vec![FieldError::new(
-            "query",
-            rejection.body_text(),
-        )])
+        ApiError::invalid(
+            "invalid query parameters",
+            vec![FieldError::new("query", rejection.body_text())],
+        )
     }
 }
 

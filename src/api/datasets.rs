@@ -27,7 +27,14 @@ struct UploadForm {
 pub async fn create(
     State(state): State<AppState>,
     mut multipart: Multipart,
-) -> Result<(StatusCode, [(header::HeaderName, String); 1], Json<DatasetRow>), ApiError> {
+) -> Result<
+    (
+        StatusCode,
+        [(header::HeaderName, String); 1],
+        Json<DatasetRow>,
+    ),
+    ApiError,
+> {
     let upload = RemoveOnDrop(state.artifacts.temp_file(".upload"));
     let mut form = UploadForm {
         name: None,
@@ -53,7 +60,10 @@ pub async fn create(
             "name" => form.name = Some(field.text().await?),
             "val_fraction" => match field.text().await?.trim().parse::<f64>() {
                 Ok(v) if (0.05..=0.5).contains(&v) => form.options.val_fraction = v,
-                _ => errors.push(FieldError::new("val_fraction", "must be a number in [0.05, 0.5]")),
+                _ => errors.push(FieldError::new(
+                    "val_fraction",
+                    "must be a number in [0.05, 0.5]",
+                )),
             },
             "seed" => match field.text().await?.trim().parse::<u64>() {
                 Ok(v) => form.options.seed = v,
@@ -66,7 +76,10 @@ pub async fn create(
         }
     }
     let Some(bytes) = form.archive_bytes else {
-        errors.push(FieldError::new("file", "missing: attach the zip archive as the `file` form field"));
+        errors.push(FieldError::new(
+            "file",
+            "missing: attach the zip archive as the `file` form field",
+        ));
         return Err(ApiError::invalid("the upload is incomplete", errors));
     };
     if !errors.is_empty() {
@@ -79,20 +92,28 @@ pub async fn create(
     let archive = upload.0.clone();
     let out_dir = dataset_dir.0.clone();
     let options = form.options.clone();
-    let report = tokio::task::spawn_blocking(move || data::ingest_zip(&archive, &out_dir, &options))
-        .await
-        .map_err(|err| ApiError::Internal(err.into()))?
-        .map_err(|err| match err {
-            DataError::Invalid { detail, errors } => ApiError::invalid(detail, errors),
-            other => ApiError::Internal(other.into()),
-        })?;
+    let report =
+        tokio::task::spawn_blocking(move || data::ingest_zip(&archive, &out_dir, &options))
+            .await
+            .map_err(|err| ApiError::Internal(err.into()))?
+            .map_err(|err| match err {
+                DataError::Invalid { detail, errors } => ApiError::invalid(detail, errors),
+                other => ApiError::Internal(other.into()),
+            })?;
 
     let counts = |per_class: &[i64]| -> serde_json::Map<String, serde_json::Value> {
-        report.classes.iter().cloned().zip(per_class.iter().map(|&n| json!(n))).collect()
+        report
+            .classes
+            .iter()
+            .cloned()
+            .zip(per_class.iter().map(|&n| json!(n)))
+            .collect()
     };
     let name = form
         .name
-        .or(form.filename.map(|f| f.trim_end_matches(".zip").to_string()))
+        .or(form
+            .filename
+            .map(|f| f.trim_end_matches(".zip").to_string()))
         .unwrap_or_else(|| format!("dataset-{id}"));
     let row = store::insert(&state.pool, NewDataset {
         id,
@@ -108,10 +129,17 @@ pub async fn create(
     .await?;
     dataset_dir.keep();
     tracing::info!(dataset_id = %id, classes = row.classes.len(), images = row.num_train + row.num_val, "dataset stored");
-    Ok((StatusCode::CREATED, [(header::LOCATION, format!("/datasets/{id}"))], Json(row)))
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, format!("/datasets/{id}"))],
+        Json(row),
+    ))
 }
 
-pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<DatasetRow>, ApiError> {
+pub async fn get(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<DatasetRow>, ApiError> {
     let id = parse_id(&id, "dataset")?;
     store::get(&state.pool, id)
         .await?

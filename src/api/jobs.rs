@@ -11,9 +11,9 @@ use uuid::Uuid;
 use super::extract::ApiJson;
 use super::{parse_id, AppState};
 use crate::error::{ApiError, FieldError};
+use crate::store::datasets;
 use crate::store::jobs::{self as store, JobRow, NewJob};
 use crate::store::metrics::{self, EpochMetrics};
-use crate::store::datasets;
 use crate::train::JobRequest;
 
 const IDEMPOTENCY_KEY: &str = "idempotency-key";
@@ -46,7 +46,12 @@ pub struct JobView {
 impl JobView {
     fn new(job: JobRow) -> Self {
         Self {
-            epochs: job.config.0.get("epochs").and_then(Value::as_i64).unwrap_or(0),
+            epochs: job
+                .config
+                .0
+                .get("epochs")
+                .and_then(Value::as_i64)
+                .unwrap_or(0),
             id: job.id,
             dataset_id: job.dataset_id,
             status: job.status,
@@ -79,10 +84,13 @@ pub async fn create(
                 .ok()
                 .filter(|k| !k.is_empty() && k.len() <= 255)
                 .ok_or_else(|| {
-                    ApiError::invalid("invalid header", vec![FieldError::new(
-                        "header:Idempotency-Key",
-                        "must be 1 to 255 visible ASCII characters",
-                    )])
+                    ApiError::invalid(
+                        "invalid header",
+                        vec![FieldError::new(
+                            "header:Idempotency-Key",
+                            "must be 1 to 255 visible ASCII characters",
+                        )],
+                    )
                 })?,
         ),
         None => None,
@@ -91,27 +99,40 @@ pub async fn create(
         .validate(&state.weights_dir)
         .map_err(|errors| ApiError::invalid("the job configuration is invalid", errors))?;
     if datasets::get(&state.pool, job.dataset_id).await?.is_none() {
-        return Err(ApiError::invalid("the job configuration is invalid", vec![FieldError::new(
-            "dataset_id",
-            format!("no dataset with id {}", job.dataset_id),
-        )]));
+        return Err(ApiError::invalid(
+            "the job configuration is invalid",
+            vec![FieldError::new(
+                "dataset_id",
+                format!("no dataset with id {}", job.dataset_id),
+            )],
+        ));
     }
-    let (row, created) = store::enqueue(&state.pool, NewJob {
-        dataset_id: job.dataset_id,
-        config: serde_json::to_value(&job.config).map_err(|e| ApiError::Internal(e.into()))?,
-        priority: job.priority,
-        max_attempts: job.max_attempts,
-        idempotency_key: key,
-    })
+    let (row, created) = store::enqueue(
+        &state.pool,
+        NewJob {
+            dataset_id: job.dataset_id,
+            config: serde_json::to_value(&job.config).map_err(|e| ApiError::Internal(e.into()))?,
+            priority: job.priority,
+            max_attempts: job.max_attempts,
+            idempotency_key: key,
+        },
+    )
     .await?;
     if created {
         tracing::info!(job_id = %row.id, "job queued");
     }
     let location = format!("/jobs/{}", row.id);
-    Ok((StatusCode::ACCEPTED, [(header::LOCATION, location)], Json(JobView::new(row))))
+    Ok((
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, location)],
+        Json(JobView::new(row)),
+    ))
 }
 
-pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<JobView>, ApiError> {
+pub async fn get(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<JobView>, ApiError> {
     Ok(Json(JobView::new(find(&state, &id).await?)))
 }
 
@@ -126,10 +147,16 @@ pub struct MetricsView {
     epochs: Vec<EpochMetrics>,
 }
 
-pub async fn metrics(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<MetricsView>, ApiError> {
+pub async fn metrics(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<MetricsView>, ApiError> {
     let job = find(&state, &id).await?;
     let epochs = metrics::for_job(&state.pool, job.id).await?;
-    Ok(Json(MetricsView { job_id: job.id, epochs }))
+    Ok(Json(MetricsView {
+        job_id: job.id,
+        epochs,
+    }))
 }
 
 async fn find(state: &AppState, raw_id: &str) -> Result<JobRow, ApiError> {

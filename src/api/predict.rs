@@ -48,10 +48,10 @@ pub async fn predict(
     let started = Instant::now();
     let top_k = params.top_k.unwrap_or(DEFAULT_TOP_K);
     if top_k == 0 {
-        return Err(ApiError::invalid("invalid query parameters", vec![FieldError::new(
-            "query:top_k",
-            "must be at least 1",
-        )]));
+        return Err(ApiError::invalid(
+            "invalid query parameters",
+            vec![FieldError::new("query:top_k", "must be at least 1")],
+        ));
     }
     let model = resolve_model(&state, params.model.as_deref()).await?;
 
@@ -59,25 +59,31 @@ pub async fn predict(
     while let Some(field) = multipart.next_field().await? {
         let name = field.name().unwrap_or_default().to_string();
         if name != "image" {
-            return Err(ApiError::invalid("unexpected form field", vec![FieldError::new(
-                name,
-                "only `image` parts are accepted",
-            )]));
+            return Err(ApiError::invalid(
+                "unexpected form field",
+                vec![FieldError::new(name, "only `image` parts are accepted")],
+            ));
         }
         if parts.len() == MAX_IMAGES {
-            return Err(ApiError::invalid("too many images", vec![FieldError::new(
-                "image",
-                format!("at most {MAX_IMAGES} images per request"),
-            )]));
+            return Err(ApiError::invalid(
+                "too many images",
+                vec![FieldError::new(
+                    "image",
+                    format!("at most {MAX_IMAGES} images per request"),
+                )],
+            ));
         }
         let filename = field.file_name().map(str::to_string);
         parts.push((filename, field.bytes().await?));
     }
     if parts.is_empty() {
-        return Err(ApiError::invalid("no image given", vec![FieldError::new(
-            "image",
-            "attach at least one image as an `image` form part",
-        )]));
+        return Err(ApiError::invalid(
+            "no image given",
+            vec![FieldError::new(
+                "image",
+                "attach at least one image as an `image` form part",
+            )],
+        ));
     }
 
     let (filenames, encoded): (Vec<_>, Vec<_>) = parts.into_iter().unzip();
@@ -95,13 +101,22 @@ pub async fn predict(
         match result {
             Ok(pixels) => images.push(pixels),
             Err(reason) => errors.push(FieldError::new(
-                format!("image[{i}]{}", filenames[i].as_deref().map(|f| format!(" ({f})")).unwrap_or_default()),
+                format!(
+                    "image[{i}]{}",
+                    filenames[i]
+                        .as_deref()
+                        .map(|f| format!(" ({f})"))
+                        .unwrap_or_default()
+                ),
                 format!("cannot decode: {reason}"),
             )),
         }
     }
     if !errors.is_empty() {
-        return Err(ApiError::invalid("some images could not be decoded", errors));
+        return Err(ApiError::invalid(
+            "some images could not be decoded",
+            errors,
+        ));
     }
 
     let spec = ModelSpec {
@@ -113,20 +128,24 @@ pub async fn predict(
         normalization: serde_json::from_value(model.normalization.0.clone())
             .map_err(|e| ApiError::Internal(e.into()))?,
     };
-    let predictions = state
-        .predictor
-        .predict(spec, images, top_k)
-        .await
-        .map_err(|err| match err {
-            ServeError::Stopped => ApiError::Unavailable(err.to_string()),
-            other => ApiError::Internal(other.into()),
-        })?;
+    let predictions =
+        state
+            .predictor
+            .predict(spec, images, top_k)
+            .await
+            .map_err(|err| match err {
+                ServeError::Stopped => ApiError::Unavailable(err.to_string()),
+                other => ApiError::Internal(other.into()),
+            })?;
     Ok(Json(PredictResponse {
         model_id: model.id,
         results: filenames
             .into_iter()
             .zip(predictions)
-            .map(|(filename, predictions)| ImagePrediction { filename, predictions })
+            .map(|(filename, predictions)| ImagePrediction {
+                filename,
+                predictions,
+            })
             .collect(),
         elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
     }))
@@ -135,13 +154,16 @@ pub async fn predict(
 async fn resolve_model(state: &AppState, requested: Option<&str>) -> Result<ModelRow, ApiError> {
     match requested {
         Some(raw) => {
-            let id = Uuid::parse_str(raw).map_err(|_| ApiError::NotFound(format!("no model with id {raw:?}")))?;
+            let id = Uuid::parse_str(raw)
+                .map_err(|_| ApiError::NotFound(format!("no model with id {raw:?}")))?;
             models::get(&state.pool, id)
                 .await?
                 .ok_or_else(|| ApiError::NotFound(format!("no model with id {id}")))
         }
         None => models::latest(&state.pool).await?.ok_or_else(|| {
-            ApiError::NotFound("no model has been trained yet: POST /jobs and wait for it to succeed".into())
+            ApiError::NotFound(
+                "no model has been trained yet: POST /jobs and wait for it to succeed".into(),
+            )
         }),
     }
 }

@@ -27,9 +27,7 @@ pub struct Entry {
     pub bytes: Vec<u8>,
 }
 
-const IMAGE_EXTENSIONS: &[&str] = &[
-    "jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff",
-];
+const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"];
 const SPLIT_DIRS: &[(&str, GivenSplit)] = &[
     ("train", GivenSplit::Train),
     ("val", GivenSplit::Val),
@@ -113,7 +111,10 @@ pub fn read_zip(path: &Path) -> Result<(Vec<Entry>, Vec<Skipped>), DataError> {
         let mut entry = zip.by_index(index).map_err(corrupt)?;
         let mut bytes = Vec::with_capacity(entry.size() as usize);
         if let Err(err) = entry.read_to_end(&mut bytes) {
-            skipped.push(Skipped::new(&name, format!("unreadable in the archive: {err}")));
+            skipped.push(Skipped::new(
+                &name,
+                format!("unreadable in the archive: {err}"),
+            ));
             continue;
         }
         entries.push(Entry {
@@ -144,9 +145,9 @@ fn split_of(dir: &str) -> Option<GivenSplit> {
 /// macOS resource forks, Finder and Explorer metadata, hidden files.
 fn is_litter(parts: &[String]) -> bool {
     parts.iter().any(|p| p.starts_with('.') || p == "__MACOSX")
-        || parts
-            .last()
-            .is_some_and(|f| f.eq_ignore_ascii_case("thumbs.db") || f.eq_ignore_ascii_case("desktop.ini"))
+        || parts.last().is_some_and(|f| {
+            f.eq_ignore_ascii_case("thumbs.db") || f.eq_ignore_ascii_case("desktop.ini")
+        })
 }
 
 /// Zipping a folder wraps everything in it; a single common top folder that

@@ -101,7 +101,10 @@ pub fn ingest_zip(
     for (entry, result) in entries.iter().zip(decoded) {
         match result {
             Ok(pixels) => images.push((entry, pixels)),
-            Err(reason) => skipped.push(Skipped::new(&entry.path, format!("cannot decode: {reason}"))),
+            Err(reason) => skipped.push(Skipped::new(
+                &entry.path,
+                format!("cannot decode: {reason}"),
+            )),
         }
     }
 
@@ -142,7 +145,10 @@ pub fn ingest_zip(
         })
         .collect();
     if !too_small.is_empty() {
-        return Err(DataError::invalid("some classes have too few images", too_small));
+        return Err(DataError::invalid(
+            "some classes have too few images",
+            too_small,
+        ));
     }
 
     std::fs::create_dir_all(out_dir)?;
@@ -151,7 +157,10 @@ pub fn ingest_zip(
         let labels: Vec<i64> = members.iter().map(|&i| labelled[i].label as i64).collect();
         let tensor = preprocess::stack_canonical(&pixels);
         Tensor::write_safetensors(
-            &[("images", &tensor), ("labels", &Tensor::from_slice(&labels))],
+            &[
+                ("images", &tensor),
+                ("labels", &Tensor::from_slice(&labels)),
+            ],
             out_dir.join(file),
         )?;
     }
@@ -191,7 +200,10 @@ fn check_classes(
     if images.is_empty() {
         return Err(DataError::invalid(
             "the archive holds no decodable images in class folders",
-            vec![FieldError::new("file", "expected class/*.jpg or train/class/*.jpg")],
+            vec![FieldError::new(
+                "file",
+                "expected class/*.jpg or train/class/*.jpg",
+            )],
         ));
     }
     let mut errors = Vec::new();
@@ -221,7 +233,10 @@ fn check_classes(
     if errors.is_empty() {
         Ok(())
     } else {
-        Err(DataError::invalid("the archive's classes are unusable", errors))
+        Err(DataError::invalid(
+            "the archive's classes are unusable",
+            errors,
+        ))
     }
 }
 

@@ -23,9 +23,8 @@ pub fn assign(
 ) -> (Vec<usize>, Vec<usize>) {
     let has_given_val = items.iter().any(|i| i.given == Some(GivenSplit::Val));
     if has_given_val {
-        let (val, train): (Vec<&Item>, Vec<&Item>) = items
-            .iter()
-            .partition(|i| i.given == Some(GivenSplit::Val));
+        let (val, train): (Vec<&Item>, Vec<&Item>) =
+            items.iter().partition(|i| i.given == Some(GivenSplit::Val));
         return (
             train.iter().map(|i| i.index).collect(),
             val.iter().map(|i| i.index).collect(),

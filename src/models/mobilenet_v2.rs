@@ -19,7 +19,14 @@ const INVERTED_RESIDUALS: [(i64, i64, i64, i64); 7] = [
 ];
 
 /// Conv + BatchNorm + ReLU6.
-fn conv_bn_relu6(p: nn::Path, c_in: i64, c_out: i64, kernel: i64, stride: i64, groups: i64) -> nn::SequentialT {
+fn conv_bn_relu6(
+    p: nn::Path,
+    c_in: i64,
+    c_out: i64,
+    kernel: i64,
+    stride: i64,
+    groups: i64,
+) -> nn::SequentialT {
     let config = nn::ConvConfig {
         stride,
         padding: (kernel - 1) / 2,
@@ -33,7 +40,13 @@ fn conv_bn_relu6(p: nn::Path, c_in: i64, c_out: i64, kernel: i64, stride: i64, g
         .add_fn(|xs| xs.relu().clamp_max(6.))
 }
 
-fn inverted_residual(p: nn::Path, c_in: i64, c_out: i64, stride: i64, expansion: i64) -> impl ModuleT {
+fn inverted_residual(
+    p: nn::Path,
+    c_in: i64,
+    c_out: i64,
+    stride: i64,
+    expansion: i64,
+) -> impl ModuleT {
     let hidden = expansion * c_in;
     let mut conv = nn::seq_t();
     let mut id = 0;
@@ -66,11 +79,20 @@ pub fn features(p: &nn::Path) -> impl ModuleT {
     for (expansion, c_out, repeats, stride) in INVERTED_RESIDUALS {
         for i in 0..repeats {
             let stride = if i == 0 { stride } else { 1 };
-            layers = layers.add(inverted_residual(&f / id / "conv", c_in, c_out, stride, expansion));
+            layers = layers.add(inverted_residual(
+                &f / id / "conv",
+                c_in,
+                c_out,
+                stride,
+                expansion,
+            ));
             c_in = c_out;
             id += 1;
         }
     }
     layers = layers.add(conv_bn_relu6(&f / id, c_in, FEATURE_DIM, 1, 1, 1));
-    nn::func_t(move |xs: &Tensor, train| xs.apply_t(&layers, train).mean_dim(Some([2i64, 3].as_slice()), false, tch::Kind::Float))
+    nn::func_t(move |xs: &Tensor, train| {
+        xs.apply_t(&layers, train)
+            .mean_dim(Some([2i64, 3].as_slice()), false, tch::Kind::Float)
+    })
 }

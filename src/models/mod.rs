@@ -82,7 +82,12 @@ impl Classifier {
         if let Some(path) = pretrained {
             vs.load(path)?;
         }
-        let head = nn::linear(vs.root() / HEAD_PREFIX, spec.feature_dim, num_classes, Default::default());
+        let head = nn::linear(
+            vs.root() / HEAD_PREFIX,
+            spec.feature_dim,
+            num_classes,
+            Default::default(),
+        );
         Ok(Self {
             backbone,
             head,

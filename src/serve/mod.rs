@@ -97,7 +97,12 @@ impl Predictor {
     ) -> Result<Vec<Vec<Prediction>>, ServeError> {
         let (reply, answer) = oneshot::channel();
         self.requests
-            .send(Request { model, images, top_k, reply })
+            .send(Request {
+                model,
+                images,
+                top_k,
+                reply,
+            })
             .map_err(|_| ServeError::Stopped)?;
         answer.await.map_err(|_| ServeError::Stopped)?
     }
@@ -116,11 +121,20 @@ impl ModelCache {
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             tch::no_grad(|| {
                 let batch = preprocess::stack_canonical(images).to_device(device);
-                let input = preprocess::model_input(&batch, model.spec.image_size, &model.spec.normalization);
-                let probs = model.classifier.forward_t(&input, false).softmax(-1, Kind::Float);
+                let input = preprocess::model_input(
+                    &batch,
+                    model.spec.image_size,
+                    &model.spec.normalization,
+                );
+                let probs = model
+                    .classifier
+                    .forward_t(&input, false)
+                    .softmax(-1, Kind::Float);
                 let (scores, indices) = probs.topk(k, -1, true, true);
-                let scores = Vec::<Vec<f32>>::try_from(scores.to_device(Device::Cpu)).expect("float scores");
-                let indices = Vec::<Vec<i64>>::try_from(indices.to_device(Device::Cpu)).expect("int64 indices");
+                let scores =
+                    Vec::<Vec<f32>>::try_from(scores.to_device(Device::Cpu)).expect("float scores");
+                let indices = Vec::<Vec<i64>>::try_from(indices.to_device(Device::Cpu))
+                    .expect("int64 indices");
                 scores
                     .iter()
                     .zip(&indices)
@@ -146,7 +160,10 @@ impl ModelCache {
             let entry = self.entries.remove(pos);
             self.entries.push(entry);
         } else {
-            let loaded = load(spec, self.device).map_err(|reason| ServeError::Load { id: spec.id, reason })?;
+            let loaded = load(spec, self.device).map_err(|reason| ServeError::Load {
+                id: spec.id,
+                reason,
+            })?;
             if self.entries.len() >= self.capacity {
                 self.entries.remove(0);
             }
@@ -158,9 +175,11 @@ impl ModelCache {
 }
 
 fn load(spec: &ModelSpec, device: Device) -> Result<LoadedModel, String> {
-    let backbone = models::find(&spec.backbone).ok_or_else(|| format!("unknown backbone {}", spec.backbone))?;
+    let backbone = models::find(&spec.backbone)
+        .ok_or_else(|| format!("unknown backbone {}", spec.backbone))?;
     let mut vs = VarStore::new(device);
-    let classifier = Classifier::new(&mut vs, backbone, spec.labels.len() as i64, None).map_err(|e| e.to_string())?;
+    let classifier = Classifier::new(&mut vs, backbone, spec.labels.len() as i64, None)
+        .map_err(|e| e.to_string())?;
     vs.load(&spec.checkpoint).map_err(|e| e.to_string())?;
     Ok(LoadedModel {
         _vs: vs,

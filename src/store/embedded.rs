@@ -61,8 +61,17 @@ impl EmbeddedPostgres {
                 "-c listen_addresses='' -c unix_socket_directories='{}' -p {PORT}",
                 pg.dir.display()
             );
-            pg.pg_ctl(&["start", "-w", "-t", "60", "-l", &log.to_string_lossy(), "-o", &opts])
-                .with_context(|| format!("starting the embedded Postgres (see {})", log.display()))?;
+            pg.pg_ctl(&[
+                "start",
+                "-w",
+                "-t",
+                "60",
+                "-l",
+                &log.to_string_lossy(),
+                "-o",
+                &opts,
+            ])
+            .with_context(|| format!("starting the embedded Postgres (see {})", log.display()))?;
         }
         pg.ensure_database()?;
         Ok(pg)
@@ -176,7 +185,10 @@ impl EmbeddedPostgres {
         if !status.success() {
             bail!("could not hand {} to the {user} user", self.dir.display());
         }
-        std::fs::set_permissions(&self.dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+        std::fs::set_permissions(
+            &self.dir,
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )?;
         let reachable = Command::new("runuser")
             .args(["-u", user, "--", "test", "-x"])
             .arg(&self.dir)

@@ -144,7 +144,12 @@ pub async fn claim(pool: &PgPool, worker: &str, lease_secs: f64) -> sqlx::Result
 
 /// Renews the lease. `false` means the lease was lost (expired and taken
 /// over, or the job was changed under us): the worker must stop.
-pub async fn heartbeat(pool: &PgPool, id: Uuid, worker: &str, lease_secs: f64) -> sqlx::Result<bool> {
+pub async fn heartbeat(
+    pool: &PgPool,
+    id: Uuid,
+    worker: &str,
+    lease_secs: f64,
+) -> sqlx::Result<bool> {
     let renewed = sqlx::query(
         "UPDATE jobs SET lease_expires_at = now() + make_interval(secs => $3), updated_at = now()
          WHERE id = $1 AND lease_owner = $2 AND status = 'running'",

@@ -97,7 +97,10 @@ impl JobRequest {
         let mut int = |name: &str, value: Option<i64>, default: i64, min: i64, max: i64| {
             let value = value.unwrap_or(default);
             if !(min..=max).contains(&value) {
-                errors.push(FieldError::new(name, format!("{value} is outside {min}..={max}")));
+                errors.push(FieldError::new(
+                    name,
+                    format!("{value} is outside {min}..={max}"),
+                ));
             }
             value
         };
@@ -110,17 +113,26 @@ impl JobRequest {
 
         let learning_rate = self.learning_rate.unwrap_or(1e-3);
         if !(learning_rate > 0.0 && learning_rate <= 10.0) {
-            errors.push(FieldError::new("learning_rate", format!("{learning_rate} must be in (0, 10]")));
+            errors.push(FieldError::new(
+                "learning_rate",
+                format!("{learning_rate} must be in (0, 10]"),
+            ));
         }
         let weight_decay = self.weight_decay.unwrap_or(0.0);
         if !(0.0..=1.0).contains(&weight_decay) {
-            errors.push(FieldError::new("weight_decay", format!("{weight_decay} must be in [0, 1]")));
+            errors.push(FieldError::new(
+                "weight_decay",
+                format!("{weight_decay} must be in [0, 1]"),
+            ));
         }
         let freeze = match self.freeze.as_deref().unwrap_or("head") {
             "head" => Freeze::Head,
             "full" => Freeze::Full,
             other => {
-                errors.push(FieldError::new("freeze", format!("{other:?} is not one of: head, full")));
+                errors.push(FieldError::new(
+                    "freeze",
+                    format!("{other:?} is not one of: head, full"),
+                ));
                 Freeze::Head
             }
         };
@@ -128,7 +140,10 @@ impl JobRequest {
             "adam" => Optimizer::Adam,
             "adamw" => Optimizer::Adamw,
             other => {
-                errors.push(FieldError::new("optimizer", format!("{other:?} is not one of: adam, adamw")));
+                errors.push(FieldError::new(
+                    "optimizer",
+                    format!("{other:?} is not one of: adam, adamw"),
+                ));
                 Optimizer::Adam
             }
         };

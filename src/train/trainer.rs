@@ -42,7 +42,9 @@ pub struct TrainSummary {
 pub enum TrainError {
     #[error("unknown backbone {0}")]
     UnknownBackbone(String),
-    #[error("pretrained weights for {backbone} are missing at {path} (scripts/setup installs them)")]
+    #[error(
+        "pretrained weights for {backbone} are missing at {path} (scripts/setup installs them)"
+    )]
     MissingWeights { backbone: String, path: String },
     #[error("loading the dataset: {0}")]
     Data(#[from] data::DataError),
@@ -88,8 +90,12 @@ pub fn train(
     let mut model = Classifier::new(&mut vs, backbone, num_classes, Some(&weights))?;
     model.set_backbone_trainable(&vs, cfg.freeze == Freeze::Full);
     let mut opt = match cfg.optimizer {
-        Optimizer::Adam => nn::Adam::default().wd(cfg.weight_decay).build(&vs, cfg.learning_rate)?,
-        Optimizer::Adamw => nn::AdamW::default().wd(cfg.weight_decay).build(&vs, cfg.learning_rate)?,
+        Optimizer::Adam => nn::Adam::default()
+            .wd(cfg.weight_decay)
+            .build(&vs, cfg.learning_rate)?,
+        Optimizer::Adamw => nn::AdamW::default()
+            .wd(cfg.weight_decay)
+            .build(&vs, cfg.learning_rate)?,
     };
     let norm = backbone.normalization;
 
@@ -119,7 +125,11 @@ pub fn train(
             }
             opt.backward_step(&loss);
             loss_sum += value * len as f64;
-            correct += logits.argmax(-1, false).eq_tensor(&ys).sum(Kind::Int64).int64_value(&[]);
+            correct += logits
+                .argmax(-1, false)
+                .eq_tensor(&ys)
+                .sum(Kind::Int64)
+                .int64_value(&[]);
         }
         let train_seconds = started.elapsed().as_secs_f64();
 
@@ -172,7 +182,10 @@ fn evaluate(
             let len = EVAL_BATCH.min(n - start);
             let xs = images.narrow(0, start, len).to_device(spec.device);
             let ys = labels.narrow(0, start, len).to_device(spec.device);
-            let logits = model.forward_t(&preprocess::model_input(&xs, spec.config.image_size, norm), false);
+            let logits = model.forward_t(
+                &preprocess::model_input(&xs, spec.config.image_size, norm),
+                false,
+            );
             loss_sum += logits
                 .cross_entropy_loss::<Tensor>(&ys, None, Reduction::Sum, -100, 0.0)
                 .double_value(&[]);

@@ -55,7 +55,13 @@ impl Worker {
     /// Runs until `shutdown` turns true, sleeping on `LISTEN` when idle.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into());
-        jobs::upsert_worker(&self.pool, &self.id, &host, &models::device_name(self.device)).await?;
+        jobs::upsert_worker(
+            &self.pool,
+            &self.id,
+            &host,
+            &models::device_name(self.device),
+        )
+        .await?;
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen(store::JOBS_CHANNEL).await?;
         tracing::info!(worker = %self.id, device = %models::device_name(self.device), "worker started");
@@ -82,7 +88,10 @@ impl Worker {
     ) -> anyhow::Result<Outcome> {
         let reaped = jobs::reap_expired(&self.pool).await?;
         if reaped > 0 {
-            tracing::warn!(count = reaped, "failed jobs whose workers were lost on their last attempt");
+            tracing::warn!(
+                count = reaped,
+                "failed jobs whose workers were lost on their last attempt"
+            );
         }
         let lease = self.lease.as_secs_f64();
         let Some(job) = jobs::claim(&self.pool, &self.id, lease).await? else {
@@ -98,7 +107,13 @@ impl Worker {
         shutdown: Option<&watch::Receiver<bool>>,
     ) -> anyhow::Result<Outcome> {
         tracing::info!("claimed");
-        let run_id = jobs::start_run(&self.pool, &job, &self.id, &models::device_name(self.device)).await?;
+        let run_id = jobs::start_run(
+            &self.pool,
+            &job,
+            &self.id,
+            &models::device_name(self.device),
+        )
+        .await?;
 
         let result = match self.prepare(&job).await {
             Ok((spec, card)) => self.train(&job, run_id, spec, card, shutdown).await,
@@ -106,12 +121,15 @@ impl Worker {
         };
         let status = self.conclude(&job, run_id, result).await?;
         tracing::info!(status, "job ended");
-        Ok(Outcome::Ran { job_id: job.id, status: status.to_string() })
+        Ok(Outcome::Ran {
+            job_id: job.id,
+            status: status.to_string(),
+        })
     }
 
     async fn prepare(&self, job: &jobs::JobRow) -> anyhow::Result<(TrainSpec, ModelCard)> {
-        let config: JobConfig =
-            serde_json::from_value(job.config.0.clone()).context("reading the job's configuration")?;
+        let config: JobConfig = serde_json::from_value(job.config.0.clone())
+            .context("reading the job's configuration")?;
         let dataset = datasets::get(&self.pool, job.dataset_id)
             .await?
             .context("the job's dataset no longer exists")?;
@@ -157,7 +175,9 @@ impl Worker {
                 });
                 let _ = tx.send(Message::Done(result));
             })
-            .map_err(|err| RunError::Failed(format!("could not start the training thread: {err}")))?;
+            .map_err(|err| {
+                RunError::Failed(format!("could not start the training thread: {err}"))
+            })?;
 
         let mut heartbeat = tokio::time::interval(self.lease / 3);
         let mut shutdown = shutdown.cloned();
@@ -216,17 +236,20 @@ impl Worker {
             Ok(Finished { summary, card }) => {
                 let best = &summary.best;
                 let key = format!("{}/{CHECKPOINT_FILE}", Artifacts::job_key(job.id));
-                store::models::insert(&mut tx, store::models::NewModel {
-                    job_id: job.id,
-                    dataset_id: job.dataset_id,
-                    backbone: &card.backbone,
-                    labels: &card.labels,
-                    image_size: card.image_size as i32,
-                    normalization: serde_json::to_value(card.normalization)?,
-                    artifact_key: &key,
-                    epoch: best.epoch,
-                    metrics: serde_json::to_value(best)?,
-                })
+                store::models::insert(
+                    &mut tx,
+                    store::models::NewModel {
+                        job_id: job.id,
+                        dataset_id: job.dataset_id,
+                        backbone: &card.backbone,
+                        labels: &card.labels,
+                        image_size: card.image_size as i32,
+                        normalization: serde_json::to_value(card.normalization)?,
+                        artifact_key: &key,
+                        epoch: best.epoch,
+                        metrics: serde_json::to_value(best)?,
+                    },
+                )
                 .await?;
                 jobs::finish(&mut tx, job.id, &self.id, "succeeded", None).await?;
                 jobs::finish_run(&mut tx, run_id, "succeeded", None).await?;
@@ -291,7 +314,10 @@ struct ModelCard {
 
 fn write_model_card(checkpoint: &std::path::Path, card: &ModelCard) -> std::io::Result<()> {
     let path = checkpoint.with_file_name(MODEL_CARD_FILE);
-    std::fs::write(path, serde_json::to_vec_pretty(card).map_err(std::io::Error::other)?)
+    std::fs::write(
+        path,
+        serde_json::to_vec_pretty(card).map_err(std::io::Error::other)?,
+    )
 }
 
 async fn wait_for_shutdown(shutdown: &mut Option<watch::Receiver<bool>>) {

@@ -1,1 +1,9 @@
+//! Integration tests through the HTTP API, against real Postgres and real
+//! libtorch. `scripts/setup` installs what they need (weights, photos).
 
+mod contract;
+mod datasets;
+mod helpers;
+mod jobs;
+mod pretrained;
+mod training;

@@ -1,0 +1,187 @@
+use axum::http::StatusCode;
+use image::ImageFormat;
+
+use crate::helpers::{encode, render, shapes_zip, zip, Part, TestApp};
+
+#[tokio::test]
+async fn upload_splits_each_class_and_reports_skipped_files() {
+    let app = TestApp::spawn().await;
+    let mut entries = vec![
+        (
+            "__MACOSX/disc/._00.png".to_string(),
+            b"resource fork".to_vec(),
+        ),
+        ("disc/.DS_Store".to_string(), b"finder".to_vec()),
+        ("disc/notes.txt".to_string(), b"not an image".to_vec()),
+        (
+            "square/broken.jpg".to_string(),
+            b"\xff\xd8\xff\xe0 truncated".to_vec(),
+        ),
+    ];
+    for i in 0..10 {
+        entries.push((
+            format!("disc/{i}.png"),
+            encode(&render(0, i, 40), ImageFormat::Png),
+        ));
+        entries.push((
+            format!("square/{i}.jpg"),
+            encode(&render(1, i, 40), ImageFormat::Jpeg),
+        ));
+    }
+    let reply = app.upload_dataset(zip(&entries)).await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{:?}", reply.json);
+    let id = reply.json["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        reply.location.as_deref(),
+        Some(format!("/datasets/{id}").as_str())
+    );
+    assert_eq!(reply.json["classes"], serde_json::json!(["disc", "square"]));
+    assert_eq!(reply.json["counts"]["train"]["disc"], 8);
+    assert_eq!(reply.json["counts"]["val"]["square"], 2);
+    assert_eq!(reply.json["num_train"], 16);
+    assert_eq!(reply.json["num_val"], 4);
+    let skipped: Vec<String> = reply.json["report"]["skipped"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["path"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(skipped.len(), 2, "{skipped:?}");
+    assert!(skipped.contains(&"disc/notes.txt".to_string()));
+    assert!(skipped.contains(&"square/broken.jpg".to_string()));
+
+    let fetched = app.get(&format!("/datasets/{id}")).await;
+    assert_eq!(fetched.status, StatusCode::OK);
+    assert_eq!(fetched.json["id"], id);
+    assert_eq!(app.get("/datasets").await.json.as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn train_and_val_folders_are_kept_and_a_wrapper_folder_is_ignored() {
+    let app = TestApp::spawn().await;
+    let mut entries = Vec::new();
+    for (split, n) in [("train", 4), ("val", 2)] {
+        for (c, class) in ["disc", "square"].iter().enumerate() {
+            for i in 0..n {
+                let image = encode(&render(c, i + 100 * n, 32), ImageFormat::Png);
+                entries.push((format!("flowers/{split}/{class}/{i}.png"), image));
+            }
+        }
+    }
+    let reply = app.upload_dataset(zip(&entries)).await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{:?}", reply.json);
+    assert_eq!(reply.json["classes"], serde_json::json!(["disc", "square"]));
+    assert_eq!(reply.json["num_train"], 8);
+    assert_eq!(reply.json["num_val"], 4);
+}
+
+#[tokio::test]
+async fn bad_uploads_get_problems_and_store_nothing() {
+    let app = TestApp::spawn().await;
+
+    let not_zip = app
+        .post_multipart(
+            "/datasets",
+            &[Part::file(
+                "file",
+                "flowers.zip",
+                b"this is not a zip".to_vec(),
+            )],
+        )
+        .await;
+    let errors = not_zip.assert_problem(StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(errors[0]["path"], "file");
+
+    let one_class = app
+        .upload_dataset(zip(&(0..4)
+            .map(|i| {
+                (
+                    format!("disc/{i}.png"),
+                    encode(&render(0, i, 32), ImageFormat::Png),
+                )
+            })
+            .collect::<Vec<_>>()))
+        .await;
+    let errors = one_class.assert_problem(StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(
+        errors[0]["reason"].as_str().unwrap().contains("at least 2"),
+        "{errors:?}"
+    );
+
+    let tiny_class = app
+        .upload_dataset(zip(&[
+            (
+                "disc/0.png".to_string(),
+                encode(&render(0, 0, 32), ImageFormat::Png),
+            ),
+            (
+                "disc/1.png".to_string(),
+                encode(&render(0, 1, 32), ImageFormat::Png),
+            ),
+            (
+                "disc/2.png".to_string(),
+                encode(&render(0, 2, 32), ImageFormat::Png),
+            ),
+            (
+                "square/0.png".to_string(),
+                encode(&render(1, 0, 32), ImageFormat::Png),
+            ),
+        ]))
+        .await;
+    let errors = tiny_class.assert_problem(StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(errors[0]["path"], "class:square");
+
+    let escaping = app
+        .upload_dataset(zip(&[(
+            "../evil/0.png".to_string(),
+            encode(&render(0, 0, 32), ImageFormat::Png),
+        )]))
+        .await;
+    let errors = escaping.assert_problem(StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(errors[0]["path"]
+        .as_str()
+        .unwrap()
+        .contains("../evil/0.png"));
+
+    let no_file = app
+        .post_multipart("/datasets", &[Part::text("name", "flowers")])
+        .await;
+    no_file.assert_problem(StatusCode::UNPROCESSABLE_ENTITY);
+
+    let bad_fraction = app
+        .post_multipart(
+            "/datasets",
+            &[
+                Part::text("val_fraction", "0.9"),
+                Part::file("file", "shapes.zip", shapes_zip(4, 32)),
+            ],
+        )
+        .await;
+    let errors = bad_fraction.assert_problem(StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(errors[0]["path"], "val_fraction");
+
+    assert_eq!(app.count("datasets").await, 0);
+    assert!(
+        app.files_under("datasets").is_empty(),
+        "{:?}",
+        app.files_under("datasets")
+    );
+    assert!(
+        app.files_under("tmp").is_empty(),
+        "{:?}",
+        app.files_under("tmp")
+    );
+    // Still serving.
+    assert_eq!(app.get("/healthz").await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn unknown_dataset_ids_are_not_found() {
+    let app = TestApp::spawn().await;
+    app.get(&format!("/datasets/{}", uuid::Uuid::new_v4()))
+        .await
+        .assert_problem(StatusCode::NOT_FOUND);
+    app.get("/datasets/not-a-uuid")
+        .await
+        .assert_problem(StatusCode::NOT_FOUND);
+}

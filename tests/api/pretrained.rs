@@ -1,0 +1,54 @@
+//! The pretrained weights are real: the untouched ImageNet MobileNetV2, run
+//! through the service's own preprocessing, names real photos correctly.
+
+use finetuned::data::preprocess::{self, Normalization};
+use finetuned::models::mobilenet_v2;
+use tch::nn::{self, Module, ModuleT};
+use tch::Kind;
+
+use crate::helpers::{fixtures_dir, weights_dir};
+
+/// ImageNet class indices.
+const ESPRESSO: i64 = 967;
+const CATS: [i64; 3] = [281, 282, 285]; // tabby, tiger cat, Egyptian cat
+
+#[test]
+fn imagenet_mobilenet_v2_recognises_real_photos() {
+    let mut vs = nn::VarStore::new(tch::Device::Cpu);
+    let features = mobilenet_v2::features(&vs.root());
+    let classifier = nn::linear(
+        vs.root() / "classifier" / 1,
+        mobilenet_v2::FEATURE_DIM,
+        1000,
+        Default::default(),
+    );
+    vs.load(weights_dir().join("mobilenet_v2.safetensors"))
+        .expect("weights load by torchvision name (run scripts/setup)");
+    assert_eq!(vs.variables().len(), 262);
+
+    let photos = ["coffee.png", "chelsea.png"].map(|name| {
+        let bytes = std::fs::read(fixtures_dir().join(name)).expect("photo (run scripts/setup)");
+        preprocess::decode_canonical(&bytes).expect("decodes")
+    });
+    let input = preprocess::model_input(
+        &preprocess::stack_canonical(&photos),
+        224,
+        &Normalization::IMAGENET,
+    );
+    let probs = tch::no_grad(|| {
+        classifier
+            .forward(&features.forward_t(&input, false))
+            .softmax(-1, Kind::Float)
+    });
+    let top: Vec<i64> = Vec::try_from(probs.argmax(-1, false)).unwrap();
+    assert_eq!(top[0], ESPRESSO, "coffee.png");
+    assert!(
+        CATS.contains(&top[1]),
+        "chelsea.png classified as {}",
+        top[1]
+    );
+    assert!(
+        probs.double_value(&[0, ESPRESSO]) > 0.5,
+        "confident espresso"
+    );
+}

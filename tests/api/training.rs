@@ -1,0 +1,176 @@
+//! The whole path: upload → fine-tune → metrics → predict.
+
+use axum::http::StatusCode;
+use finetuned::train::Outcome;
+use image::ImageFormat;
+use serde_json::json;
+
+use crate::helpers::{encode, render, shapes_zip, Part, TestApp, SHAPES};
+
+#[tokio::test]
+async fn upload_train_and_predict_beats_chance_by_far() {
+    let app = TestApp::spawn().await;
+
+    let reply = app
+        .post_multipart("/predict", &[Part::file("image", "x.png", vec![])])
+        .await;
+    let _ = reply.assert_problem(StatusCode::NOT_FOUND); // nothing trained yet
+
+    let dataset = app.upload_dataset(shapes_zip(15, 96)).await;
+    assert_eq!(dataset.status, StatusCode::CREATED, "{:?}", dataset.json);
+    assert_eq!(dataset.json["num_train"], 36);
+    assert_eq!(dataset.json["num_val"], 9);
+
+    let job = app
+        .post_json(
+            "/jobs",
+            &json!({
+                "dataset_id": dataset.json["id"], "backbone": "mobilenet_v2",
+                "epochs": 3, "image_size": 96, "batch_size": 12, "learning_rate": 0.01
+            }),
+        )
+        .await;
+    assert_eq!(job.status, StatusCode::ACCEPTED, "{:?}", job.json);
+    assert_eq!(job.json["status"], "queued");
+    let job_id = job.json["id"].as_str().unwrap().to_string();
+
+    let outcome = app.worker.try_execute_one(None).await.expect("worker step");
+    assert_eq!(
+        outcome,
+        Outcome::Ran {
+            job_id: job_id.parse().unwrap(),
+            status: "succeeded".into()
+        }
+    );
+    assert_eq!(
+        app.worker.try_execute_one(None).await.unwrap(),
+        Outcome::Idle
+    );
+
+    let job = app.get(&format!("/jobs/{job_id}")).await.json;
+    assert_eq!(job["status"], "succeeded", "{job:?}");
+    assert_eq!(job["epoch"], 3);
+    assert_eq!(job["attempts"], 1);
+    let best_epoch = job["best_epoch"].as_i64().expect("best epoch");
+    let model_id = job["model_id"].as_str().expect("model id").to_string();
+
+    let metrics = app.get(&format!("/jobs/{job_id}/metrics")).await.json;
+    let epochs = metrics["epochs"].as_array().unwrap();
+    assert_eq!(
+        epochs
+            .iter()
+            .map(|e| e["epoch"].as_i64().unwrap())
+            .collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
+    for e in epochs {
+        assert!(e["train_loss"].as_f64().unwrap().is_finite());
+        assert!(e["images_per_second"].as_f64().unwrap() > 0.0);
+        assert_eq!(e["per_class"].as_array().unwrap().len(), 3);
+        let confusion: i64 = e["confusion_matrix"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|row| row.as_array().unwrap().iter().map(|v| v.as_i64().unwrap()))
+            .sum();
+        assert_eq!(confusion, 9, "every validation image counted once");
+    }
+    let best = epochs
+        .iter()
+        .map(|e| e["val_accuracy"].as_f64().unwrap())
+        .fold(0.0, f64::max);
+    assert_eq!(job["best_val_accuracy"].as_f64().unwrap(), best);
+    assert_eq!(
+        epochs[best_epoch as usize - 1]["val_accuracy"]
+            .as_f64()
+            .unwrap(),
+        best
+    );
+    assert!(
+        epochs[2]["train_loss"].as_f64() < epochs[0]["train_loss"].as_f64(),
+        "loss falls: {epochs:?}"
+    );
+    assert_eq!(app.count("runs").await, 1);
+    assert_eq!(app.count("checkpoints WHERE is_best").await, 1);
+    assert!(app
+        .artifacts
+        .path(&format!("jobs/{job_id}/best.safetensors"))
+        .exists());
+    assert!(app
+        .artifacts
+        .path(&format!("jobs/{job_id}/model.json"))
+        .exists());
+
+    // Held-out images the model never saw, several per request.
+    let mut correct = 0;
+    let mut total = 0;
+    for (class, name) in SHAPES.iter().enumerate() {
+        let parts: Vec<Part> = (0..10)
+            .map(|i| {
+                let seed = 1000 + i;
+                Part::file(
+                    "image",
+                    &format!("{name}-{seed}.jpg"),
+                    encode(&render(class, seed, 96), ImageFormat::Jpeg),
+                )
+            })
+            .collect();
+        let reply = app
+            .post_multipart(&format!("/predict?top_k=2&model={model_id}"), &parts)
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.json);
+        assert_eq!(reply.json["model_id"], model_id);
+        for result in reply.json["results"].as_array().unwrap() {
+            let predictions = result["predictions"].as_array().unwrap();
+            assert_eq!(predictions.len(), 2);
+            let (first, second) = (
+                predictions[0]["score"].as_f64().unwrap(),
+                predictions[1]["score"].as_f64().unwrap(),
+            );
+            assert!(first >= second && first <= 1.0 && second >= 0.0);
+            total += 1;
+            correct += usize::from(predictions[0]["label"] == *name);
+        }
+    }
+    let accuracy = correct as f64 / total as f64;
+    assert!(
+        accuracy >= 0.8,
+        "held-out accuracy {accuracy} (chance is 0.33)"
+    );
+
+    // The default model is the newest one; a broken image is named.
+    let reply = app
+        .post_multipart(
+            "/predict",
+            &[
+                Part::file(
+                    "image",
+                    "ok.png",
+                    encode(&render(0, 77, 64), ImageFormat::Png),
+                ),
+                Part::file("image", "broken.jpg", b"\xff\xd8 not really".to_vec()),
+            ],
+        )
+        .await;
+    let errors = reply.assert_problem(StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(errors[0]["path"], "image[1] (broken.jpg)");
+    let reply = app
+        .post_multipart(
+            "/predict",
+            &[Part::file(
+                "image",
+                "ok.png",
+                encode(&render(2, 78, 64), ImageFormat::Png),
+            )],
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.json["model_id"], model_id);
+    assert_eq!(
+        reply.json["results"][0]["predictions"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+}
