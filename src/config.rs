@@ -39,8 +39,9 @@ pub struct Config {
     #[arg(long, env = "FINETUNED_DEVICE", default_value = "auto")]
     pub device: String,
 
-    /// libtorch intra-op threads. 0 picks half the cores (at least 1); on
-    /// small machines one thread per process is measurably faster than two.
+    /// libtorch intra-op threads. 0 shares the cores among the workers
+    /// (cores / workers, at least 1); `cargo bench --bench torch_threads`
+    /// measures the choice on a given machine.
     #[arg(long, env = "FINETUNED_TORCH_THREADS", default_value_t = 0)]
     pub torch_threads: usize,
 
@@ -69,7 +70,7 @@ impl Config {
             return self.torch_threads;
         }
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        (cores / 2).max(1)
+        (cores / self.workers.max(1)).max(1)
     }
 }
 
