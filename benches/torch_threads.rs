@@ -23,7 +23,8 @@ fn main() {
     let backbone = models::find("mobilenet_v2").unwrap();
     let mut vs = nn::VarStore::new(Device::Cpu);
     let mut model = Classifier::new(&mut vs, backbone, 5, None).unwrap();
-    model.set_backbone_trainable(&vs, false);
+    let stages = model.num_stages();
+    model.set_frozen_stages(&vs, stages);
     let mut opt = nn::Adam::default().build(&vs, 1e-3).unwrap();
     let side = i64::from(STORED_SIZE);
     let stored = Tensor::randint(256, [BATCH, 3, side, side], (Kind::Uint8, Device::Cpu));

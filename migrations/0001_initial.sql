@@ -29,6 +29,7 @@ CREATE TABLE jobs (
     idempotency_key  text UNIQUE,
     error            text,
     epoch            integer NOT NULL DEFAULT 0, -- last finished epoch
+    progress         jsonb,                   -- within the running epoch: {epoch, step, steps, images_per_second, eta_seconds}
     best_epoch       integer,
     best_metric      double precision,
     created_at       timestamptz NOT NULL DEFAULT now(),
@@ -39,6 +40,7 @@ CREATE TABLE jobs (
 CREATE INDEX jobs_claimable ON jobs (priority DESC, created_at) WHERE status IN ('queued', 'running');
 
 -- Runs: one per attempt of a job.
+-- (An attempt handed back at shutdown is not counted, so two runs can share an attempt number.)
 CREATE TABLE runs (
     id          uuid PRIMARY KEY,
     job_id      uuid NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
@@ -49,8 +51,9 @@ CREATE TABLE runs (
     finished_at timestamptz,
     outcome     text CHECK (outcome IN ('succeeded', 'failed', 'cancelled', 'lost')),
     error       text,
-    UNIQUE (job_id, attempt)
+    resumed_from_epoch integer                -- the attempt continued after this epoch
 );
+CREATE INDEX runs_job ON runs (job_id);
 
 -- One row per finished epoch; a retried attempt continues the same series.
 CREATE TABLE epoch_metrics (
@@ -62,6 +65,9 @@ CREATE TABLE epoch_metrics (
     val_loss          double precision NOT NULL,
     val_accuracy      double precision NOT NULL,
     val_macro_f1      double precision NOT NULL,
+    top_k             integer NOT NULL,
+    val_top_k_accuracy double precision NOT NULL,
+    frozen_stages     integer NOT NULL,       -- leading backbone stages frozen this epoch
     learning_rate     double precision NOT NULL,
     images_per_second double precision NOT NULL,
     seconds           double precision NOT NULL,

@@ -25,3 +25,12 @@ pub mod models;
 pub mod serve;
 pub mod store;
 pub mod train;
+
+/// The message of a caught panic (libtorch errors surface as panics in tch).
+pub fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown error".to_string())
+}

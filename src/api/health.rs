@@ -30,6 +30,8 @@ pub struct BackboneView {
     spec: BackboneSpec,
     /// Whether the pretrained weights are installed, so jobs can use it.
     weights: bool,
+    /// Stages, first to last, that freezing counts (`trainable_stages`).
+    stages: Vec<String>,
 }
 
 pub async fn backbones(State(state): State<AppState>) -> Json<Vec<BackboneView>> {
@@ -39,6 +41,7 @@ pub async fn backbones(State(state): State<AppState>) -> Json<Vec<BackboneView>>
             .map(|spec| BackboneView {
                 spec: *spec,
                 weights: spec.weights_path(&state.weights_dir).exists(),
+                stages: spec.stage_names(),
             })
             .collect(),
     )

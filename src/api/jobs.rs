@@ -31,6 +31,9 @@ pub struct JobView {
     /// Last finished epoch.
     epoch: i32,
     epochs: i64,
+    /// Within the running epoch: epoch, step, steps, images_per_second, eta_seconds.
+    progress: Option<Value>,
+    cancel_requested: bool,
     best_epoch: Option<i32>,
     /// Validation accuracy of the best epoch.
     best_val_accuracy: Option<f64>,
@@ -60,6 +63,8 @@ impl JobView {
             attempts: job.attempts,
             max_attempts: job.max_attempts,
             epoch: job.epoch,
+            progress: job.progress.map(|p| p.0),
+            cancel_requested: job.cancel_requested,
             best_epoch: job.best_epoch,
             best_val_accuracy: job.best_metric,
             error: job.error,
@@ -152,16 +157,36 @@ pub async fn metrics(
     Path(id): Path<String>,
 ) -> Result<Json<MetricsView>, ApiError> {
     let job = find(&state, &id).await?;
-    let epochs = metrics::for_job(&state.pool, job.id).await?;
+    let epochs = metrics::for_job(&state.pool, job.id, 0).await?;
     Ok(Json(MetricsView {
         job_id: job.id,
         epochs,
     }))
 }
 
-async fn find(state: &AppState, raw_id: &str) -> Result<JobRow, ApiError> {
+pub(super) async fn find(state: &AppState, raw_id: &str) -> Result<JobRow, ApiError> {
     let id = parse_id(raw_id, "job")?;
     store::get(&state.pool, id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no job with id {id}")))
+}
+
+/// `POST /jobs/{id}/cancel`: a queued job is cancelled at once; a running one
+/// stops within a batch (its recorded epochs stay). 409 once it has ended.
+pub async fn cancel(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<JobView>), ApiError> {
+    let job = find(&state, &id).await?;
+    if store::TERMINAL.contains(&job.status.as_str()) {
+        return Err(ApiError::Conflict(format!(
+            "job {} has already {}",
+            job.id, job.status
+        )));
+    }
+    let job = store::cancel(&state.pool, job.id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no job with id {id}")))?;
+    tracing::info!(job_id = %job.id, status = %job.status, "cancel requested");
+    Ok((StatusCode::ACCEPTED, Json(JobView::new(job))))
 }

@@ -1,6 +1,7 @@
 //! The HTTP API: router, shared state, one module per resource.
 
 mod datasets;
+mod events;
 mod extract;
 mod health;
 mod jobs;
@@ -46,6 +47,8 @@ pub fn router(state: AppState) -> Router {
         .route("/jobs", post(jobs::create).get(jobs::list))
         .route("/jobs/{id}", get(jobs::get))
         .route("/jobs/{id}/metrics", get(jobs::metrics))
+        .route("/jobs/{id}/events", get(events::events))
+        .route("/jobs/{id}/cancel", post(jobs::cancel))
         .route("/backbones", get(health::backbones))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))

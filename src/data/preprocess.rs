@@ -72,18 +72,48 @@ pub fn decode_canonical(bytes: &[u8]) -> Result<Vec<u8>, String> {
 /// Turns canonical images into model input. Accepts uint8 `[N, 3, 256, 256]`
 /// on any device; returns float `[N, 3, size, size]` on the same device.
 pub fn model_input(stored: &Tensor, image_size: i64, norm: &Normalization) -> Tensor {
+    normalize(&center_view(stored, image_size), norm)
+}
+
+/// The evaluation view of canonical images: the center crop, resized to
+/// `image_size`, in [0, 1].
+pub fn center_view(stored: &Tensor, image_size: i64) -> Tensor {
     let offset = (i64::from(STORED_SIZE) - CROP_SIZE) / 2;
-    let crop = stored
-        .narrow(2, offset, CROP_SIZE)
-        .narrow(3, offset, CROP_SIZE)
-        .to_kind(Kind::Float)
-        / 255.0;
-    let resized = if image_size == CROP_SIZE {
-        crop
+    let crop = to_unit(
+        &stored
+            .narrow(2, offset, CROP_SIZE)
+            .narrow(3, offset, CROP_SIZE),
+    );
+    resize(&crop, image_size)
+}
+
+/// uint8 pixels to float in [0, 1].
+pub fn to_unit(stored: &Tensor) -> Tensor {
+    stored.to_kind(Kind::Float) / 255.0
+}
+
+/// Antialiased bilinear resize of a float batch to `size` × `size`.
+pub fn resize(images: &Tensor, size: i64) -> Tensor {
+    let (h, w) = (images.size()[2], images.size()[3]);
+    if h == size && w == size {
+        images.shallow_clone()
     } else {
-        crop.internal_upsample_bilinear2d_aa([image_size, image_size], false, None, None)
-    };
-    let device = stored.device();
+        images.internal_upsample_bilinear2d_aa([size, size], false, None, None)
+    }
+}
+
+/// Side of the canonical image scaled so that its center crop is `image_size`
+/// (the working size of training augmentation).
+pub fn working_size(image_size: i64) -> i64 {
+    (image_size * i64::from(STORED_SIZE) + CROP_SIZE / 2) / CROP_SIZE
+}
+
+/// Fraction of the canonical image the center crop covers.
+pub const CROP_FRACTION: f64 = CROP_SIZE as f64 / STORED_SIZE as f64;
+
+/// Subtracts the mean and divides by the std, per channel.
+pub fn normalize(images: &Tensor, norm: &Normalization) -> Tensor {
+    let device = images.device();
     let mean = Tensor::from_slice(&norm.mean)
         .to_kind(Kind::Float)
         .view([1, 3, 1, 1])
@@ -92,7 +122,7 @@ pub fn model_input(stored: &Tensor, image_size: i64, norm: &Normalization) -> Te
         .to_kind(Kind::Float)
         .view([1, 3, 1, 1])
         .to_device(device);
-    (resized - mean) / std
+    (images - mean) / std
 }
 
 /// Stacks canonical images (each `STORED_BYTES` long) into a uint8 tensor.

@@ -2,7 +2,8 @@
 //! (`features.N…`), so torchvision's ImageNet weights load by name.
 
 use tch::nn::{self, ModuleT};
-use tch::Tensor;
+
+use super::Stage;
 
 /// Channels of the pooled feature vector.
 pub const FEATURE_DIM: i64 = 1280;
@@ -69,14 +70,24 @@ fn inverted_residual(
     })
 }
 
-/// Builds the feature extractor under `p` (pass the root path: names start
-/// with `features.`). Its output is the globally average-pooled `[N, 1280]`.
-pub fn features(p: &nn::Path) -> impl ModuleT {
-    let f = p / "features";
+/// Builds the feature extractor under `root` (names start with `features.`)
+/// as its stages, first to last: the stem, the seven inverted-residual
+/// groups, the final 1×1 conv. Stage `i` creates its variables in optimizer
+/// group `i`, so each stage can have its own learning rate.
+pub fn stages(root: &nn::Path) -> Vec<Stage> {
+    let mut stages = Vec::new();
+    let stem = &root.set_group(0) / "features";
+    stages.push(Stage::new(
+        "stem",
+        vec!["features.0".into()],
+        conv_bn_relu6(&stem / 0, 3, 32, 3, 2, 1),
+    ));
     let mut c_in = 32;
-    let mut layers = nn::seq_t().add(conv_bn_relu6(&f / 0, 3, c_in, 3, 2, 1));
     let mut id = 1;
-    for (expansion, c_out, repeats, stride) in INVERTED_RESIDUALS {
+    for (group, (expansion, c_out, repeats, stride)) in INVERTED_RESIDUALS.into_iter().enumerate() {
+        let f = &root.set_group(group + 1) / "features";
+        let mut layers = nn::seq_t();
+        let mut prefixes = Vec::new();
         for i in 0..repeats {
             let stride = if i == 0 { stride } else { 1 };
             layers = layers.add(inverted_residual(
@@ -86,13 +97,29 @@ pub fn features(p: &nn::Path) -> impl ModuleT {
                 stride,
                 expansion,
             ));
+            prefixes.push(format!("features.{id}"));
             c_in = c_out;
             id += 1;
         }
+        stages.push(Stage::new(&format!("block{}", group + 1), prefixes, layers));
     }
-    layers = layers.add(conv_bn_relu6(&f / id, c_in, FEATURE_DIM, 1, 1, 1));
-    nn::func_t(move |xs: &Tensor, train| {
-        xs.apply_t(&layers, train)
-            .mean_dim(Some([2i64, 3].as_slice()), false, tch::Kind::Float)
+    let last = &root.set_group(INVERTED_RESIDUALS.len() + 1) / "features";
+    stages.push(Stage::new(
+        "head_conv",
+        vec![format!("features.{id}")],
+        conv_bn_relu6(&last / id, c_in, FEATURE_DIM, 1, 1, 1),
+    ));
+    stages
+}
+
+/// The whole feature extractor as one module: stages, then global average
+/// pooling to `[N, 1280]` (torchvision's `features` + pooling).
+pub fn features(root: &nn::Path) -> impl ModuleT {
+    let stages = stages(root);
+    nn::func_t(move |xs, train| {
+        let x = stages
+            .iter()
+            .fold(xs.shallow_clone(), |x, s| s.forward_t(&x, train));
+        super::global_average_pool(&x)
     })
 }

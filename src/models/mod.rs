@@ -44,12 +44,48 @@ impl BackboneSpec {
         weights_dir.join(self.weights_file)
     }
 
-    /// Builds the backbone's feature extractor under `root`.
-    fn build(&self, root: &nn::Path) -> Box<dyn ModuleT + Send> {
+    /// Builds the backbone's stages under `root`.
+    fn build(&self, root: &nn::Path) -> Vec<Stage> {
         match self.name {
-            "mobilenet_v2" => Box::new(mobilenet_v2::features(root)),
+            "mobilenet_v2" => mobilenet_v2::stages(root),
             other => unreachable!("backbone {other} is in the catalogue but has no builder"),
         }
+    }
+
+    /// Names of the backbone's stages, first to last (what freezing counts).
+    pub fn stage_names(&self) -> Vec<String> {
+        let vs = nn::VarStore::new(Device::Cpu);
+        self.build(&vs.root()).into_iter().map(|s| s.name).collect()
+    }
+}
+
+/// A run of consecutive backbone layers that freezes and unfreezes as one.
+pub struct Stage {
+    pub name: String,
+    /// Variable-name prefixes of this stage's layers (`features.3`).
+    prefixes: Vec<String>,
+    module: Box<dyn ModuleT>,
+}
+
+impl Stage {
+    pub fn new(name: &str, prefixes: Vec<String>, module: impl ModuleT + 'static) -> Self {
+        Self {
+            name: name.to_string(),
+            prefixes,
+            module: Box::new(module),
+        }
+    }
+
+    pub fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        self.module.forward_t(xs, train)
+    }
+
+    fn owns(&self, variable: &str) -> bool {
+        self.prefixes.iter().any(|p| {
+            variable
+                .strip_prefix(p.as_str())
+                .is_some_and(|rest| rest.starts_with('.'))
+        })
     }
 }
 
@@ -58,11 +94,12 @@ pub const HEAD_PREFIX: &str = "head";
 
 /// A backbone with a new linear head over the dataset's classes.
 pub struct Classifier {
-    backbone: Box<dyn ModuleT + Send>,
+    stages: Vec<Stage>,
     head: nn::Linear,
-    /// When false the backbone runs without gradients and with frozen
-    /// BatchNorm statistics (eval mode) even while the head trains.
-    backbone_trainable: bool,
+    /// Leading stages that are frozen: no gradients, and (unless
+    /// `frozen_batchnorm` is off) BatchNorm statistics left as pretrained.
+    frozen: usize,
+    frozen_batchnorm: bool,
 }
 
 /// Dropout before the head, as torchvision's MobileNetV2 classifier has.
@@ -71,49 +108,82 @@ const HEAD_DROPOUT: f64 = 0.2;
 impl Classifier {
     /// Builds the model in `vs`. With `pretrained`, the backbone's weights are
     /// loaded from that file before the head exists (the file's own 1000-class
-    /// head is ignored); a missing or mismatched file is an error.
+    /// head is ignored); a missing or mismatched file is an error. The head's
+    /// variables are in optimizer group `num_stages()`.
     pub fn new(
         vs: &mut nn::VarStore,
         spec: &BackboneSpec,
         num_classes: i64,
         pretrained: Option<&Path>,
     ) -> Result<Self, tch::TchError> {
-        let backbone = spec.build(&vs.root());
+        let stages = spec.build(&vs.root());
         if let Some(path) = pretrained {
             vs.load(path)?;
         }
-        let head = nn::linear(
-            vs.root() / HEAD_PREFIX,
-            spec.feature_dim,
-            num_classes,
-            Default::default(),
-        );
+        let head_path = vs.root().set_group(stages.len()) / HEAD_PREFIX;
+        let head = nn::linear(head_path, spec.feature_dim, num_classes, Default::default());
         Ok(Self {
-            backbone,
+            stages,
             head,
-            backbone_trainable: true,
+            frozen: 0,
+            frozen_batchnorm: true,
         })
     }
 
-    /// Freezes or unfreezes every backbone variable.
-    pub fn set_backbone_trainable(&mut self, vs: &nn::VarStore, trainable: bool) {
+    pub fn num_stages(&self) -> usize {
+        self.stages.len()
+    }
+
+    /// Freezes the first `n` stages and unfreezes the rest (and the head).
+    /// Only trainable variables are touched: BatchNorm running statistics
+    /// never take gradients.
+    pub fn set_frozen_stages(&mut self, vs: &nn::VarStore, n: usize) {
+        let n = n.min(self.stages.len());
+        let trainable: std::collections::HashSet<usize> = vs
+            .trainable_variables()
+            .iter()
+            .map(|t| t.data_ptr() as usize)
+            .collect();
         for (name, var) in vs.variables() {
-            if !name.starts_with(HEAD_PREFIX) {
-                let _ = var.set_requires_grad(trainable);
+            if !trainable.contains(&(var.data_ptr() as usize)) {
+                continue;
             }
+            let stage = self.stages.iter().position(|s| s.owns(&name));
+            let trainable = stage.is_none_or(|i| i >= n);
+            let _ = var.set_requires_grad(trainable);
         }
-        self.backbone_trainable = trainable;
+        self.frozen = n;
+    }
+
+    pub fn frozen_stages(&self) -> usize {
+        self.frozen
+    }
+
+    /// Whether frozen stages keep their BatchNorm statistics (the default)
+    /// or update them from the new data while training.
+    pub fn set_frozen_batchnorm(&mut self, frozen: bool) {
+        self.frozen_batchnorm = frozen;
     }
 
     /// Logits `[N, classes]` for model input `[N, 3, H, W]`.
     pub fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        let features = if self.backbone_trainable {
-            self.backbone.forward_t(xs, train)
-        } else {
-            tch::no_grad(|| self.backbone.forward_t(xs, false))
-        };
+        let (frozen, trainable) = self.stages.split_at(self.frozen);
+        let frozen_train = train && !self.frozen_batchnorm;
+        let mut x = tch::no_grad(|| {
+            frozen
+                .iter()
+                .fold(xs.shallow_clone(), |x, s| s.forward_t(&x, frozen_train))
+        });
+        for stage in trainable {
+            x = stage.forward_t(&x, train);
+        }
+        let features = global_average_pool(&x);
         self.head.forward(&features.dropout(HEAD_DROPOUT, train))
     }
+}
+/// `[N, C, H, W]` → `[N, C]`.
+pub fn global_average_pool(x: &Tensor) -> Tensor {
+    x.mean_dim(Some([2i64, 3].as_slice()), false, tch::Kind::Float)
 }
 
 /// Picks the device: `auto` is the first CUDA device when there is one.

@@ -150,7 +150,7 @@ impl ModelCache {
                     .collect()
             })
         }));
-        result.map_err(|panic| ServeError::Inference(panic_message(&panic)))
+        result.map_err(|panic| ServeError::Inference(crate::panic_message(&panic)))
     }
 
     /// The loaded model for `spec`, loading it (and evicting the least
@@ -186,12 +186,4 @@ fn load(spec: &ModelSpec, device: Device) -> Result<LoadedModel, String> {
         classifier,
         spec: spec.clone(),
     })
-}
-
-fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
-    panic
-        .downcast_ref::<String>()
-        .cloned()
-        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_else(|| "libtorch error".to_string())
 }

@@ -28,13 +28,19 @@ pub struct JobRow {
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
     pub updated_at: DateTime<Utc>,
+    /// Within the running epoch: step, steps, images/s, ETA.
+    pub progress: Option<Json<Value>>,
+    pub cancel_requested: bool,
     /// The model the job produced, once it succeeded.
     pub model_id: Option<Uuid>,
 }
 
+/// Statuses a job never leaves.
+pub const TERMINAL: [&str; 3] = ["succeeded", "failed", "cancelled"];
+
 const COLUMNS: &str = "id, dataset_id, config, status, priority, attempts, max_attempts, error, \
      epoch, best_epoch, best_metric, created_at, started_at, finished_at, updated_at, \
-     (SELECT m.id FROM models m WHERE m.job_id = jobs.id) AS model_id";
+     progress, cancel_requested, (SELECT m.id FROM models m WHERE m.job_id = jobs.id) AS model_id";
 
 pub struct NewJob<'a> {
     pub dataset_id: Uuid,
@@ -101,6 +107,13 @@ pub async fn list(pool: &PgPool) -> sqlx::Result<Vec<JobRow>> {
 pub async fn reap_expired(pool: &PgPool) -> sqlx::Result<u64> {
     let mut tx = pool.begin().await?;
     sqlx::query(
+        "UPDATE jobs SET status = 'cancelled', finished_at = now(), updated_at = now(),
+             lease_owner = NULL, lease_expires_at = NULL, progress = NULL
+         WHERE status = 'running' AND lease_expires_at < now() AND cancel_requested",
+    )
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
         "UPDATE runs SET outcome = 'lost', finished_at = now(), error = 'worker lease expired'
          WHERE outcome IS NULL AND job_id IN (
              SELECT id FROM jobs WHERE status = 'running' AND lease_expires_at < now())",
@@ -130,6 +143,7 @@ pub async fn claim(pool: &PgPool, worker: &str, lease_secs: f64) -> sqlx::Result
          WHERE id = (
              SELECT id FROM jobs
              WHERE (status = 'queued' OR (status = 'running' AND lease_expires_at < now()))
+               AND NOT cancel_requested
                AND attempts < max_attempts
              ORDER BY priority DESC, created_at
              LIMIT 1
@@ -163,7 +177,7 @@ pub async fn heartbeat(
     Ok(renewed == 1)
 }
 
-/// Ends a job the worker holds: `succeeded` or `failed`, with an error.
+/// Ends a job the worker holds: `succeeded`, `failed` or `cancelled`.
 pub async fn finish(
     tx: &mut sqlx::PgConnection,
     id: Uuid,
@@ -173,7 +187,7 @@ pub async fn finish(
 ) -> sqlx::Result<bool> {
     let done = sqlx::query(
         "UPDATE jobs SET status = $3, error = $4, finished_at = now(), updated_at = now(),
-             lease_owner = NULL, lease_expires_at = NULL
+             lease_owner = NULL, lease_expires_at = NULL, progress = NULL
          WHERE id = $1 AND lease_owner = $2 AND status = 'running'",
     )
     .bind(id)
@@ -192,16 +206,19 @@ pub async fn start_run(
     job: &JobRow,
     worker: &str,
     device: &str,
+    resumed_from_epoch: Option<i64>,
 ) -> sqlx::Result<Uuid> {
     let run_id = Uuid::new_v4();
     sqlx::query(
-        "INSERT INTO runs (id, job_id, attempt, worker, device) VALUES ($1, $2, $3, $4, $5)",
+        "INSERT INTO runs (id, job_id, attempt, worker, device, resumed_from_epoch)
+         VALUES ($1, $2, $3, $4, $5, $6)",
     )
     .bind(run_id)
     .bind(job.id)
     .bind(job.attempts)
     .bind(worker)
     .bind(device)
+    .bind(resumed_from_epoch.map(|e| e as i32))
     .execute(pool)
     .await?;
     Ok(run_id)
@@ -247,4 +264,46 @@ pub async fn release(tx: &mut sqlx::PgConnection, id: Uuid, worker: &str) -> sql
     .execute(tx)
     .await?;
     Ok(())
+}
+
+/// Records in-epoch progress of a job the worker holds.
+pub async fn set_progress(
+    pool: &PgPool,
+    id: Uuid,
+    worker: &str,
+    progress: &Value,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE jobs SET progress = $3 WHERE id = $1 AND lease_owner = $2 AND status = 'running'",
+    )
+    .bind(id)
+    .bind(worker)
+    .bind(Json(progress))
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Cancels a job: a queued one at once, a running one by asking its worker
+/// (which stops within a batch). Finished jobs are returned unchanged.
+pub async fn cancel(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<JobRow>> {
+    sqlx::query_as(&format!(
+        "UPDATE jobs SET
+             cancel_requested = (status IN ('queued', 'running')) OR cancel_requested,
+             status = CASE WHEN status = 'queued' THEN 'cancelled' ELSE status END,
+             finished_at = CASE WHEN status = 'queued' THEN now() ELSE finished_at END,
+             updated_at = now()
+         WHERE id = $1
+         RETURNING {COLUMNS}"
+    ))
+    .bind(id)
+    .fetch_optional(pool)
+    .await
+}
+
+pub async fn cancel_requested(pool: &PgPool, id: Uuid) -> sqlx::Result<bool> {
+    sqlx::query_scalar("SELECT cancel_requested FROM jobs WHERE id = $1")
+        .bind(id)
+        .fetch_one(pool)
+        .await
 }

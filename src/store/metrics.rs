@@ -24,7 +24,12 @@ pub struct EpochMetrics {
     pub val_loss: f64,
     pub val_accuracy: f64,
     pub val_macro_f1: f64,
+    pub top_k: i32,
+    /// Share of validation images whose label is among the top `top_k`.
+    pub val_top_k_accuracy: f64,
+    /// Learning rate of the head at the epoch's last step.
     pub learning_rate: f64,
+    pub frozen_stages: i32,
     pub images_per_second: f64,
     pub seconds: f64,
     pub per_class: Json<Vec<ClassMetrics>>,
@@ -41,14 +46,15 @@ pub async fn record_epoch(
 ) -> sqlx::Result<()> {
     sqlx::query(
         "INSERT INTO epoch_metrics (job_id, epoch, run_id, train_loss, train_accuracy, val_loss,
-             val_accuracy, val_macro_f1, learning_rate, images_per_second, seconds, per_class,
-             confusion_matrix)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+             val_accuracy, val_macro_f1, top_k, val_top_k_accuracy, learning_rate, frozen_stages,
+             images_per_second, seconds, per_class, confusion_matrix)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
          ON CONFLICT (job_id, epoch) DO UPDATE SET
              run_id = EXCLUDED.run_id, train_loss = EXCLUDED.train_loss,
              train_accuracy = EXCLUDED.train_accuracy, val_loss = EXCLUDED.val_loss,
              val_accuracy = EXCLUDED.val_accuracy, val_macro_f1 = EXCLUDED.val_macro_f1,
-             learning_rate = EXCLUDED.learning_rate, images_per_second = EXCLUDED.images_per_second,
+             top_k = EXCLUDED.top_k, val_top_k_accuracy = EXCLUDED.val_top_k_accuracy,
+             frozen_stages = EXCLUDED.frozen_stages, learning_rate = EXCLUDED.learning_rate, images_per_second = EXCLUDED.images_per_second,
              seconds = EXCLUDED.seconds, per_class = EXCLUDED.per_class,
              confusion_matrix = EXCLUDED.confusion_matrix, created_at = now()",
     )
@@ -60,14 +66,17 @@ pub async fn record_epoch(
     .bind(m.val_loss)
     .bind(m.val_accuracy)
     .bind(m.val_macro_f1)
+    .bind(m.top_k)
+    .bind(m.val_top_k_accuracy)
     .bind(m.learning_rate)
+    .bind(m.frozen_stages)
     .bind(m.images_per_second)
     .bind(m.seconds)
     .bind(&m.per_class)
     .bind(&m.confusion_matrix)
     .execute(pool)
     .await?;
-    sqlx::query("UPDATE jobs SET epoch = $2, updated_at = now() WHERE id = $1")
+    sqlx::query("UPDATE jobs SET epoch = $2, progress = NULL, updated_at = now() WHERE id = $1")
         .bind(job_id)
         .bind(m.epoch)
         .execute(pool)
@@ -75,14 +84,29 @@ pub async fn record_epoch(
     Ok(())
 }
 
-pub async fn for_job(pool: &PgPool, job_id: Uuid) -> sqlx::Result<Vec<EpochMetrics>> {
-    sqlx::query_as(
-        "SELECT epoch, train_loss, train_accuracy, val_loss, val_accuracy, val_macro_f1,
-             learning_rate, images_per_second, seconds, per_class, confusion_matrix
-         FROM epoch_metrics WHERE job_id = $1 ORDER BY epoch",
-    )
+const COLUMNS: &str =
+    "epoch, train_loss, train_accuracy, val_loss, val_accuracy, val_macro_f1, top_k, \
+     val_top_k_accuracy, learning_rate, frozen_stages, images_per_second, seconds, per_class, \
+     confusion_matrix";
+
+/// The job's epochs after `after` (0 for all), in order.
+pub async fn for_job(pool: &PgPool, job_id: Uuid, after: i32) -> sqlx::Result<Vec<EpochMetrics>> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM epoch_metrics WHERE job_id = $1 AND epoch > $2 ORDER BY epoch"
+    ))
     .bind(job_id)
+    .bind(after)
     .fetch_all(pool)
+    .await
+}
+
+pub async fn epoch(pool: &PgPool, job_id: Uuid, epoch: i32) -> sqlx::Result<Option<EpochMetrics>> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM epoch_metrics WHERE job_id = $1 AND epoch = $2"
+    ))
+    .bind(job_id)
+    .bind(epoch)
+    .fetch_optional(pool)
     .await
 }
 

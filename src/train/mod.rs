@@ -1,6 +1,7 @@
 //! Training: job configuration, the loop, its metrics, and the workers that
 //! take jobs from the queue.
 
+pub mod augment;
 pub mod config;
 pub mod metrics;
 pub mod trainer;

@@ -1,15 +1,15 @@
 //! The training loop: runs on a dedicated OS thread, owns every tensor, and
-//! reports each epoch through a callback.
+//! reports progress through a callback.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use sqlx::types::Json;
 use tch::nn::{self, OptimizerConfig};
 use tch::{Device, Kind, Reduction, Tensor};
 
-use super::config::{Freeze, JobConfig, Optimizer};
+use super::config::{ClassWeights, JobConfig, Optimizer};
 use super::metrics::{macro_f1, Confusion};
 use crate::data::{self, preprocess};
 use crate::models::{self, Classifier};
@@ -21,21 +21,57 @@ pub struct TrainSpec {
     pub labels: Vec<String>,
     pub dataset_dir: PathBuf,
     pub weights_dir: PathBuf,
-    /// Where the best checkpoint (safetensors) is written.
-    pub checkpoint: PathBuf,
+    /// The job's artifact directory: best and last checkpoints go here.
+    pub job_dir: PathBuf,
     pub device: Device,
+    /// Where an earlier attempt stopped, if it saved an epoch.
+    pub resume: Option<Resume>,
+}
+
+/// The state an earlier attempt left: its last recorded epoch (whose weights
+/// are in [`epoch_checkpoint`]) and the best value of the selection metric.
+/// Optimizer moments are not restored (tch cannot save them); the optimizer
+/// starts afresh at the scheduled learning rate.
+#[derive(Debug, Clone)]
+pub struct Resume {
+    pub epoch: i64,
+    pub best_epoch: Option<i32>,
+    pub best_metric: Option<f64>,
+}
+
+/// Weights of the best epoch so far, by the selection metric.
+pub const BEST_CHECKPOINT: &str = "best.safetensors";
+/// Weights after a finished epoch, to resume from; the two newest are kept.
+pub fn epoch_checkpoint(job_dir: &Path, epoch: i64) -> PathBuf {
+    job_dir.join(format!("epoch-{epoch}.safetensors"))
 }
 
 pub enum TrainEvent {
+    /// Within an epoch: `step` of `steps` batches done (sent at most every
+    /// [`PROGRESS_INTERVAL`]).
+    Progress {
+        epoch: i64,
+        step: i64,
+        steps: i64,
+        images_per_second: f64,
+        /// Estimated seconds to the end of the last epoch.
+        eta_seconds: f64,
+    },
     /// An epoch finished; its metrics.
     Epoch(EpochMetrics),
-    /// The checkpoint file now holds this epoch's weights, the best so far.
+    /// The best checkpoint now holds this epoch's weights.
     NewBest { epoch: i32, metric: f64 },
+    /// Early stopping ended the run after this epoch.
+    EarlyStopped { epoch: i64 },
 }
+
+/// How often in-epoch progress is reported.
+pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(500);
 
 /// The best epoch of a finished run.
 pub struct TrainSummary {
-    pub best: EpochMetrics,
+    pub best_epoch: i32,
+    pub best_metric: f64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -56,14 +92,31 @@ pub enum TrainError {
     Stopped,
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
-    #[error("writing the checkpoint: {0}")]
+    #[error("libtorch failed: {0}")]
+    Crashed(String),
+    #[error("writing a checkpoint: {0}")]
     Io(#[from] std::io::Error),
 }
 
 /// Batch size of evaluation passes (no gradients, so it can be large).
 const EVAL_BATCH: i64 = 64;
+/// Top-k accuracy uses k = min(this, classes).
+const TOP_K: i64 = 5;
 
+/// Runs `train_inner`, turning a libtorch panic (out of memory, a shape
+/// error) into an error so the worker thread's caller carries on.
 pub fn train(
+    spec: &TrainSpec,
+    stop: &AtomicBool,
+    on_event: &mut dyn FnMut(TrainEvent),
+) -> Result<TrainSummary, TrainError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        train_inner(spec, stop, on_event)
+    }))
+    .unwrap_or_else(|panic| Err(TrainError::Crashed(crate::panic_message(&panic))))
+}
+
+fn train_inner(
     spec: &TrainSpec,
     stop: &AtomicBool,
     on_event: &mut dyn FnMut(TrainEvent),
@@ -84,99 +137,206 @@ pub fn train(
         return Err(TrainError::NoValidation);
     }
 
+    let first_epoch = spec.resume.as_ref().map_or(1, |r| r.epoch + 1);
+    // Each epoch draws from its own seed, so a resumed run continues the
+    // same random sequence it would have had.
     tch::manual_seed(cfg.seed);
     let mut vs = nn::VarStore::new(spec.device);
     let num_classes = spec.labels.len() as i64;
     let mut model = Classifier::new(&mut vs, backbone, num_classes, Some(&weights))?;
-    model.set_backbone_trainable(&vs, cfg.freeze == Freeze::Full);
-    let mut opt = match cfg.optimizer {
-        Optimizer::Adam => nn::Adam::default()
-            .wd(cfg.weight_decay)
-            .build(&vs, cfg.learning_rate)?,
-        Optimizer::Adamw => nn::AdamW::default()
-            .wd(cfg.weight_decay)
-            .build(&vs, cfg.learning_rate)?,
-    };
+    if first_epoch > 1 {
+        vs.load(epoch_checkpoint(&spec.job_dir, first_epoch - 1))?;
+    }
+    model.set_frozen_batchnorm(cfg.frozen_batchnorm);
+    let mut opt = build_optimizer(cfg, &vs)?;
+    let stages = model.num_stages();
+    let class_weights = class_weights(cfg, &train_y, num_classes, spec.device);
     let norm = backbone.normalization;
 
     let n_train = train_y.size()[0];
-    let mut best: Option<EpochMetrics> = None;
-    for epoch in 1..=cfg.epochs {
+    let steps = (n_train + cfg.batch_size - 1) / cfg.batch_size;
+    let mut best = spec
+        .resume
+        .as_ref()
+        .and_then(|r| Some((r.best_epoch?, r.best_metric?)));
+    let mut since_best = 0;
+    for epoch in first_epoch..=cfg.epochs {
+        tch::manual_seed(cfg.seed.wrapping_mul(1_000_003).wrapping_add(epoch));
+        model.set_frozen_stages(&vs, cfg.frozen_stages(epoch, stages));
         let started = Instant::now();
+        let mut last_report = Instant::now();
         let order = Tensor::randperm(n_train, (Kind::Int64, Device::Cpu));
         let (mut loss_sum, mut correct) = (0.0, 0i64);
-        for start in (0..n_train).step_by(cfg.batch_size as usize) {
+        let mut lr = cfg.learning_rate;
+        for step in 0..steps {
             if stop.load(Ordering::Relaxed) {
                 return Err(TrainError::Stopped);
             }
+            let start = step * cfg.batch_size;
             let len = cfg.batch_size.min(n_train - start);
+            lr = cfg.learning_rate * cfg.lr_factor((epoch - 1) as f64 + step as f64 / steps as f64);
+            set_learning_rates(&mut opt, cfg, lr, stages);
+
             let idx = order.narrow(0, start, len);
             let xs = train_x.index_select(0, &idx).to_device(spec.device);
             let ys = train_y.index_select(0, &idx).to_device(spec.device);
-            let mut input = preprocess::model_input(&xs, cfg.image_size, &norm);
-            if cfg.horizontal_flip {
-                input = random_horizontal_flip(&input);
-            }
+            let input = preprocess::normalize(&cfg.augmentation.apply(&xs, cfg.image_size), &norm);
             let logits = model.forward_t(&input, true);
-            let loss = logits.cross_entropy_for_logits(&ys);
+            let loss = logits.cross_entropy_loss(
+                &ys,
+                class_weights.as_ref(),
+                Reduction::Mean,
+                -100,
+                cfg.label_smoothing,
+            );
             let value = loss.double_value(&[]);
             if !value.is_finite() {
                 return Err(TrainError::NonFinite { epoch, value });
             }
-            opt.backward_step(&loss);
+            match cfg.gradient_clip_norm {
+                Some(max) => opt.backward_step_clip_norm(&loss, max),
+                None => opt.backward_step(&loss),
+            }
             loss_sum += value * len as f64;
             correct += logits
                 .argmax(-1, false)
                 .eq_tensor(&ys)
                 .sum(Kind::Int64)
                 .int64_value(&[]);
+            if last_report.elapsed() >= PROGRESS_INTERVAL {
+                last_report = Instant::now();
+                let images_per_second = (start + len) as f64 / started.elapsed().as_secs_f64();
+                let remaining = (n_train - start - len) + (cfg.epochs - epoch) * n_train;
+                on_event(TrainEvent::Progress {
+                    epoch,
+                    step: step + 1,
+                    steps,
+                    images_per_second,
+                    eta_seconds: remaining as f64 / images_per_second,
+                });
+            }
         }
         let train_seconds = started.elapsed().as_secs_f64();
 
-        let (val_loss, confusion) = evaluate(&model, &val_x, &val_y, spec, &norm);
-        let per_class = confusion.per_class(&spec.labels);
+        let eval = evaluate(&model, &val_x, &val_y, spec, &norm, class_weights.as_ref());
+        let per_class = eval.confusion.per_class(&spec.labels);
         let metrics = EpochMetrics {
             epoch: epoch as i32,
             train_loss: loss_sum / n_train as f64,
             train_accuracy: correct as f64 / n_train as f64,
-            val_loss,
-            val_accuracy: confusion.accuracy(),
+            val_loss: eval.loss,
+            val_accuracy: eval.confusion.accuracy(),
             val_macro_f1: macro_f1(&per_class),
-            learning_rate: cfg.learning_rate,
+            top_k: eval.k as i32,
+            val_top_k_accuracy: eval.top_k_accuracy,
+            learning_rate: lr,
+            frozen_stages: model.frozen_stages() as i32,
             images_per_second: n_train as f64 / train_seconds,
             seconds: started.elapsed().as_secs_f64(),
             per_class: Json(per_class),
-            confusion_matrix: Json(confusion.matrix),
+            confusion_matrix: Json(eval.confusion.matrix),
         };
-        let improved = best
-            .as_ref()
-            .is_none_or(|b| metrics.val_accuracy > b.val_accuracy);
-        on_event(TrainEvent::Epoch(metrics.clone()));
+        let value = selection_value(cfg, &metrics);
+        let improved = best.is_none_or(|(_, b)| cfg.selection_metric.improves(value, b));
+        save_checkpoint(&vs, &epoch_checkpoint(&spec.job_dir, epoch))?;
+        let _ = std::fs::remove_file(epoch_checkpoint(&spec.job_dir, epoch - 2));
+        on_event(TrainEvent::Epoch(metrics));
         if improved {
-            save_checkpoint(&vs, &spec.checkpoint)?;
+            save_checkpoint(&vs, &spec.job_dir.join(BEST_CHECKPOINT))?;
+            best = Some((epoch as i32, value));
+            since_best = 0;
             on_event(TrainEvent::NewBest {
-                epoch: metrics.epoch,
-                metric: metrics.val_accuracy,
+                epoch: epoch as i32,
+                metric: value,
             });
-            best = Some(metrics);
+        } else {
+            since_best += 1;
+        }
+        if cfg.early_stopping_patience.is_some_and(|p| since_best >= p) && epoch < cfg.epochs {
+            on_event(TrainEvent::EarlyStopped { epoch });
+            break;
         }
     }
+    let (best_epoch, best_metric) = best.ok_or(TrainError::Stopped)?;
     Ok(TrainSummary {
-        best: best.expect("at least one epoch ran"),
+        best_epoch,
+        best_metric,
     })
 }
 
-/// Mean validation loss and the confusion matrix, without gradients.
+/// The selection metric's value in an epoch's metrics.
+pub fn selection_value(cfg: &JobConfig, m: &EpochMetrics) -> f64 {
+    use super::config::SelectionMetric::*;
+    match cfg.selection_metric {
+        ValAccuracy => m.val_accuracy,
+        ValLoss => m.val_loss,
+        ValMacroF1 => m.val_macro_f1,
+    }
+}
+
+fn build_optimizer(cfg: &JobConfig, vs: &nn::VarStore) -> Result<nn::Optimizer, tch::TchError> {
+    let (lr, wd) = (cfg.learning_rate, cfg.weight_decay);
+    match cfg.optimizer {
+        Optimizer::Sgd => nn::Sgd {
+            momentum: cfg.momentum,
+            dampening: 0.0,
+            wd,
+            nesterov: cfg.nesterov && cfg.momentum > 0.0,
+        }
+        .build(vs, lr),
+        Optimizer::Adam => nn::Adam::default().wd(wd).build(vs, lr),
+        Optimizer::Adamw => nn::AdamW::default().wd(wd).build(vs, lr),
+    }
+}
+
+/// Stage `g` of `stages` learns at `lr × factor^(stages - g)`; the head (group
+/// `stages`) at `lr`.
+fn set_learning_rates(opt: &mut nn::Optimizer, cfg: &JobConfig, lr: f64, stages: usize) {
+    if cfg.lr_stage_factor == 1.0 {
+        opt.set_lr(lr);
+        return;
+    }
+    for group in 0..=stages {
+        opt.set_lr_group(
+            group,
+            lr * cfg.lr_stage_factor.powi((stages - group) as i32),
+        );
+    }
+}
+
+/// Inverse-frequency weights `n / (classes × n_c)` with `class_weights: auto`.
+fn class_weights(cfg: &JobConfig, labels: &Tensor, classes: i64, device: Device) -> Option<Tensor> {
+    if cfg.class_weights != ClassWeights::Auto {
+        return None;
+    }
+    let counts = labels
+        .bincount::<Tensor>(None, classes)
+        .to_kind(Kind::Float)
+        .clamp_min(1.0);
+    let n = labels.size()[0] as f64;
+    Some((counts.reciprocal() * (n / classes as f64)).to_device(device))
+}
+
+struct Evaluation {
+    loss: f64,
+    confusion: Confusion,
+    k: i64,
+    top_k_accuracy: f64,
+}
+
+/// Mean validation loss, the confusion matrix and top-k accuracy, without gradients.
 fn evaluate(
     model: &Classifier,
     images: &Tensor,
     labels: &Tensor,
     spec: &TrainSpec,
     norm: &preprocess::Normalization,
-) -> (f64, Confusion) {
+    class_weights: Option<&Tensor>,
+) -> Evaluation {
     let n = labels.size()[0];
+    let k = TOP_K.min(spec.labels.len() as i64);
     let mut confusion = Confusion::new(spec.labels.len());
-    let mut loss_sum = 0.0;
+    let (mut loss_sum, mut top_k_hits) = (0.0, 0i64);
     tch::no_grad(|| {
         for start in (0..n).step_by(EVAL_BATCH as usize) {
             let len = EVAL_BATCH.min(n - start);
@@ -187,27 +347,40 @@ fn evaluate(
                 false,
             );
             loss_sum += logits
-                .cross_entropy_loss::<Tensor>(&ys, None, Reduction::Sum, -100, 0.0)
+                .cross_entropy_loss(&ys, class_weights, Reduction::Sum, -100, 0.0)
                 .double_value(&[]);
+            let (_, top) = logits.topk(k, -1, true, true);
+            top_k_hits += top
+                .eq_tensor(&ys.unsqueeze(1))
+                .any_dim(1, false)
+                .sum(Kind::Int64)
+                .int64_value(&[]);
             let predicted = Vec::<i64>::try_from(logits.argmax(-1, false).to_device(Device::Cpu))
-                .expect("int64 predictions");
+                .expect("int64");
             let truth = Vec::<i64>::try_from(ys.to_device(Device::Cpu)).expect("int64 labels");
             confusion.add(&truth, &predicted);
         }
     });
-    (loss_sum / n as f64, confusion)
-}
-
-/// Flips each image left-right with probability one half.
-fn random_horizontal_flip(batch: &Tensor) -> Tensor {
-    let n = batch.size()[0];
-    let flip = Tensor::rand([n, 1, 1, 1], (Kind::Float, batch.device())).lt(0.5);
-    batch.flip([3]).where_self(&flip, batch)
+    Evaluation {
+        // With class weights, the summed loss is normalized by the weight total.
+        loss: match class_weights {
+            Some(w) => {
+                loss_sum
+                    / w.index_select(0, &labels.to_device(w.device()))
+                        .sum(Kind::Double)
+                        .double_value(&[])
+            }
+            None => loss_sum / n as f64,
+        },
+        confusion,
+        k,
+        top_k_accuracy: top_k_hits as f64 / n as f64,
+    }
 }
 
 /// Writes the checkpoint beside its final name and renames it into place,
 /// so a reader never sees half a file.
-fn save_checkpoint(vs: &nn::VarStore, path: &std::path::Path) -> Result<(), TrainError> {
+fn save_checkpoint(vs: &nn::VarStore, path: &Path) -> Result<(), TrainError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }

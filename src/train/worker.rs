@@ -1,8 +1,8 @@
 //! A worker takes jobs from the Postgres queue and trains them on its device.
 //!
-//! The async side claims a job, holds its lease by heartbeat and writes
-//! progress to Postgres; the training itself runs on a dedicated OS thread
-//! that owns every tensor and reports through a channel.
+//! The async side claims a job, holds its lease by heartbeat, watches for
+//! cancellation and writes progress to Postgres; the training itself runs on
+//! a dedicated OS thread that owns every tensor and reports through a channel.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use serde_json::json;
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
 use tch::Device;
@@ -18,15 +19,18 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use super::config::JobConfig;
-use super::trainer::{self, TrainError, TrainEvent, TrainSpec, TrainSummary};
+use super::trainer::{
+    self, Resume, TrainError, TrainEvent, TrainSpec, TrainSummary, BEST_CHECKPOINT,
+};
 use crate::artifacts::Artifacts;
+use crate::data::preprocess::Normalization;
 use crate::models;
 use crate::store::{self, datasets, jobs, metrics};
 
-/// File name of a job's best checkpoint inside its artifact directory.
-pub const CHECKPOINT_FILE: &str = "best.safetensors";
 /// File name of the labels and preprocessing facts beside the checkpoint.
 pub const MODEL_CARD_FILE: &str = "model.json";
+/// How often a running job checks whether it was cancelled.
+const CANCEL_POLL: Duration = Duration::from_millis(500);
 
 #[derive(Clone)]
 pub struct Worker {
@@ -46,9 +50,17 @@ pub struct Worker {
 pub enum Outcome {
     /// The queue had nothing to claim.
     Idle,
-    /// A job was run to this final status (`succeeded`, `failed`, or
-    /// `queued` when it was handed back).
+    /// A job was run to this status: `succeeded`, `failed`, `cancelled`,
+    /// `queued` (handed back at shutdown) or `lost` (another worker took it).
     Ran { job_id: Uuid, status: String },
+}
+
+/// Why a training thread was told to stop.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum StopReason {
+    Cancelled,
+    Shutdown,
+    LeaseLost,
 }
 
 impl Worker {
@@ -93,8 +105,7 @@ impl Worker {
                 "failed jobs whose workers were lost on their last attempt"
             );
         }
-        let lease = self.lease.as_secs_f64();
-        let Some(job) = jobs::claim(&self.pool, &self.id, lease).await? else {
+        let Some(job) = jobs::claim(&self.pool, &self.id, self.lease.as_secs_f64()).await? else {
             return Ok(Outcome::Idle);
         };
         let span = tracing::info_span!("job", job_id = %job.id, attempt = job.attempts);
@@ -106,16 +117,15 @@ impl Worker {
         job: jobs::JobRow,
         shutdown: Option<&watch::Receiver<bool>>,
     ) -> anyhow::Result<Outcome> {
-        tracing::info!("claimed");
-        let run_id = jobs::start_run(
-            &self.pool,
-            &job,
-            &self.id,
-            &models::device_name(self.device),
-        )
-        .await?;
-
-        let result = match self.prepare(&job).await {
+        let prepared = self.prepare(&job).await;
+        let resumed_from = prepared
+            .as_ref()
+            .ok()
+            .and_then(|(spec, _)| spec.resume.as_ref().map(|r| r.epoch));
+        let device = models::device_name(self.device);
+        let run_id = jobs::start_run(&self.pool, &job, &self.id, &device, resumed_from).await?;
+        tracing::info!(resumed_from, "claimed");
+        let result = match prepared {
             Ok((spec, card)) => self.train(&job, run_id, spec, card, shutdown).await,
             Err(err) => Err(RunError::Failed(format!("{err:#}"))),
         };
@@ -135,6 +145,14 @@ impl Worker {
             .context("the job's dataset no longer exists")?;
         let backbone = models::find(&config.backbone).context("unknown backbone")?;
         let job_dir = self.artifacts.path(&Artifacts::job_key(job.id));
+        // An earlier attempt's recorded epoch, if its weights were kept.
+        let resume = (job.epoch > 0
+            && trainer::epoch_checkpoint(&job_dir, job.epoch.into()).exists())
+        .then(|| Resume {
+            epoch: job.epoch.into(),
+            best_epoch: job.best_epoch,
+            best_metric: job.best_metric,
+        });
         let card = ModelCard {
             backbone: config.backbone.clone(),
             labels: dataset.classes.0.clone(),
@@ -145,15 +163,16 @@ impl Worker {
             labels: dataset.classes.0,
             dataset_dir: self.artifacts.path(&dataset.artifact_key),
             weights_dir: self.weights_dir.clone(),
-            checkpoint: job_dir.join(CHECKPOINT_FILE),
+            job_dir,
             device: self.device,
+            resume,
             config,
         };
         Ok((spec, card))
     }
 
-    /// Runs the training thread, recording its events and renewing the lease
-    /// until it ends.
+    /// Runs the training thread, recording its events, renewing the lease and
+    /// watching for cancellation and shutdown until it ends.
     async fn train(
         &self,
         job: &jobs::JobRow,
@@ -165,7 +184,7 @@ impl Worker {
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, mut rx) = mpsc::unbounded_channel();
         let thread_stop = stop.clone();
-        let checkpoint = spec.checkpoint.clone();
+        let job_dir = spec.job_dir.clone();
         std::thread::Builder::new()
             .name(format!("train-{}", job.id))
             .spawn(move || {
@@ -180,48 +199,95 @@ impl Worker {
             })?;
 
         let mut heartbeat = tokio::time::interval(self.lease / 3);
+        let mut cancel_poll = tokio::time::interval(CANCEL_POLL);
         let mut shutdown = shutdown.cloned();
-        let mut lease_lost = false;
+        let mut stopped: Option<StopReason> = None;
+        let request_stop = |reason: StopReason, stopped: &mut Option<StopReason>| {
+            if stopped.is_none() {
+                tracing::info!(
+                    reason = reason_name(reason),
+                    "stopping training at the next batch"
+                );
+                *stopped = Some(reason);
+                stop.store(true, Ordering::Relaxed);
+            }
+        };
         loop {
             tokio::select! {
                 message = rx.recv() => match message {
-                    Some(Message::Event(TrainEvent::Epoch(m))) => {
-                        tracing::info!(epoch = m.epoch, val_accuracy = m.val_accuracy, train_loss = m.train_loss, "epoch done");
-                        metrics::record_epoch(&self.pool, job.id, run_id, &m).await.map_err(RunError::store)?;
-                    }
-                    Some(Message::Event(TrainEvent::NewBest { epoch, metric })) => {
-                        let key = format!("{}/{CHECKPOINT_FILE}", Artifacts::job_key(job.id));
-                        metrics::record_best_checkpoint(&self.pool, job.id, run_id, epoch, &key, metric)
-                            .await
-                            .map_err(RunError::store)?;
-                    }
+                    Some(Message::Event(event)) => self.record(job, run_id, event).await?,
                     Some(Message::Done(Ok(summary))) => {
-                        write_model_card(&checkpoint, &card).map_err(|e| RunError::Failed(e.to_string()))?;
+                        write_model_card(&job_dir, &card).map_err(|e| RunError::Failed(e.to_string()))?;
                         return Ok(Finished { summary, card });
                     }
                     Some(Message::Done(Err(TrainError::Stopped))) | None => {
-                        return Err(if lease_lost { RunError::LeaseLost } else { RunError::Interrupted });
+                        return Err(RunError::Stopped(stopped.unwrap_or(StopReason::Shutdown)));
                     }
                     Some(Message::Done(Err(err))) => return Err(RunError::Failed(err.to_string())),
                 },
                 _ = heartbeat.tick() => {
                     match jobs::heartbeat(&self.pool, job.id, &self.id, self.lease.as_secs_f64()).await {
                         Ok(true) => {}
-                        Ok(false) => {
-                            tracing::warn!("lease lost; stopping");
-                            lease_lost = true;
-                            stop.store(true, Ordering::Relaxed);
-                        }
+                        Ok(false) => request_stop(StopReason::LeaseLost, &mut stopped),
                         Err(err) => tracing::warn!(error = %err, "heartbeat failed; retrying"),
                     }
                 }
+                _ = cancel_poll.tick(), if stopped.is_none() => {
+                    if jobs::cancel_requested(&self.pool, job.id).await.unwrap_or(false) {
+                        request_stop(StopReason::Cancelled, &mut stopped);
+                    }
+                }
                 _ = wait_for_shutdown(&mut shutdown) => {
-                    tracing::info!("shutting down; stopping training at the next batch");
-                    stop.store(true, Ordering::Relaxed);
+                    request_stop(StopReason::Shutdown, &mut stopped);
                     shutdown = None;
                 }
             }
         }
+    }
+
+    async fn record(
+        &self,
+        job: &jobs::JobRow,
+        run_id: Uuid,
+        event: TrainEvent,
+    ) -> Result<(), RunError> {
+        let stored = match event {
+            TrainEvent::Progress {
+                epoch,
+                step,
+                steps,
+                images_per_second,
+                eta_seconds,
+            } => {
+                let progress = json!({
+                    "epoch": epoch, "step": step, "steps": steps,
+                    "images_per_second": images_per_second, "eta_seconds": eta_seconds,
+                });
+                jobs::set_progress(&self.pool, job.id, &self.id, &progress).await
+            }
+            TrainEvent::Epoch(m) => {
+                tracing::info!(
+                    epoch = m.epoch,
+                    val_accuracy = m.val_accuracy,
+                    train_loss = m.train_loss,
+                    "epoch done"
+                );
+                metrics::record_epoch(&self.pool, job.id, run_id, &m).await
+            }
+            TrainEvent::NewBest { epoch, metric } => {
+                let key = format!("{}/{BEST_CHECKPOINT}", Artifacts::job_key(job.id));
+                metrics::record_best_checkpoint(&self.pool, job.id, run_id, epoch, &key, metric)
+                    .await
+            }
+            TrainEvent::EarlyStopped { epoch } => {
+                tracing::info!(
+                    epoch,
+                    "early stopping: the selection metric stopped improving"
+                );
+                Ok(())
+            }
+        };
+        stored.map_err(|err| RunError::Failed(format!("recording progress failed: {err}")))
     }
 
     /// Writes the job's final state. Returns its status.
@@ -234,8 +300,10 @@ impl Worker {
         let mut tx = self.pool.begin().await?;
         let status = match result {
             Ok(Finished { summary, card }) => {
-                let best = &summary.best;
-                let key = format!("{}/{CHECKPOINT_FILE}", Artifacts::job_key(job.id));
+                let best = metrics::epoch(&self.pool, job.id, summary.best_epoch)
+                    .await?
+                    .context("the best epoch's metrics are missing")?;
+                let key = format!("{}/{BEST_CHECKPOINT}", Artifacts::job_key(job.id));
                 store::models::insert(
                     &mut tx,
                     store::models::NewModel {
@@ -246,8 +314,8 @@ impl Worker {
                         image_size: card.image_size as i32,
                         normalization: serde_json::to_value(card.normalization)?,
                         artifact_key: &key,
-                        epoch: best.epoch,
-                        metrics: serde_json::to_value(best)?,
+                        epoch: summary.best_epoch,
+                        metrics: serde_json::to_value(&best)?,
                     },
                 )
                 .await?;
@@ -261,20 +329,32 @@ impl Worker {
                 jobs::finish_run(&mut tx, run_id, "failed", Some(&reason)).await?;
                 "failed"
             }
-            Err(RunError::Interrupted) => {
-                // Hand the job back so another worker (or this one, after a
-                // restart) runs it again.
+            Err(RunError::Stopped(StopReason::Cancelled)) => {
+                jobs::finish(&mut tx, job.id, &self.id, "cancelled", None).await?;
+                jobs::finish_run(&mut tx, run_id, "cancelled", None).await?;
+                "cancelled"
+            }
+            Err(RunError::Stopped(StopReason::Shutdown)) => {
+                // Hand the job back; the next attempt resumes from the last epoch.
                 jobs::release(&mut tx, job.id, &self.id).await?;
                 jobs::finish_run(&mut tx, run_id, "lost", Some("the worker shut down")).await?;
                 "queued"
             }
-            Err(RunError::LeaseLost) => {
+            Err(RunError::Stopped(StopReason::LeaseLost)) => {
                 jobs::finish_run(&mut tx, run_id, "lost", Some("the lease expired")).await?;
                 "lost"
             }
         };
         tx.commit().await?;
         Ok(status)
+    }
+}
+
+fn reason_name(reason: StopReason) -> &'static str {
+    match reason {
+        StopReason::Cancelled => "cancelled",
+        StopReason::Shutdown => "shutdown",
+        StopReason::LeaseLost => "lease lost",
     }
 }
 
@@ -291,16 +371,8 @@ struct Finished {
 enum RunError {
     /// The job cannot succeed; the reason is shown to the user.
     Failed(String),
-    /// The worker is shutting down.
-    Interrupted,
-    /// Another worker owns the job now.
-    LeaseLost,
-}
-
-impl RunError {
-    fn store(err: sqlx::Error) -> Self {
-        RunError::Failed(format!("recording progress failed: {err}"))
-    }
+    /// The training thread was told to stop.
+    Stopped(StopReason),
 }
 
 /// What a checkpoint needs beside its weights to be used on its own.
@@ -309,15 +381,12 @@ struct ModelCard {
     backbone: String,
     labels: Vec<String>,
     image_size: i64,
-    normalization: crate::data::preprocess::Normalization,
+    normalization: Normalization,
 }
 
-fn write_model_card(checkpoint: &std::path::Path, card: &ModelCard) -> std::io::Result<()> {
-    let path = checkpoint.with_file_name(MODEL_CARD_FILE);
-    std::fs::write(
-        path,
-        serde_json::to_vec_pretty(card).map_err(std::io::Error::other)?,
-    )
+fn write_model_card(job_dir: &std::path::Path, card: &ModelCard) -> std::io::Result<()> {
+    let json = serde_json::to_vec_pretty(card).map_err(std::io::Error::other)?;
+    std::fs::write(job_dir.join(MODEL_CARD_FILE), json)
 }
 
 async fn wait_for_shutdown(shutdown: &mut Option<watch::Receiver<bool>>) {

@@ -195,6 +195,20 @@ impl TestApp {
             .await
     }
 
+    /// Uploads a rendered shapes dataset; returns its id.
+    pub async fn shapes_dataset(&self, per_class: u64, side: u32) -> String {
+        let reply = self.upload_dataset(shapes_zip(per_class, side)).await;
+        assert_eq!(reply.status, StatusCode::CREATED, "{:?}", reply.json);
+        reply.json["id"].as_str().unwrap().to_string()
+    }
+
+    /// Queues a job; returns its id.
+    pub async fn submit_job(&self, config: Value) -> String {
+        let reply = self.post_json("/jobs", &config).await;
+        assert_eq!(reply.status, StatusCode::ACCEPTED, "{:?}", reply.json);
+        reply.json["id"].as_str().unwrap().to_string()
+    }
+
     pub async fn count(&self, table: &str) -> i64 {
         sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
             .fetch_one(&self.pool)

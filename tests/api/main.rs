@@ -3,7 +3,9 @@
 
 mod contract;
 mod datasets;
+mod freezing;
 mod helpers;
 mod jobs;
+mod lifecycle;
 mod pretrained;
 mod training;
