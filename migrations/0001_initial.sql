@@ -51,7 +51,8 @@ CREATE TABLE runs (
     finished_at timestamptz,
     outcome     text CHECK (outcome IN ('succeeded', 'failed', 'cancelled', 'lost')),
     error       text,
-    resumed_from_epoch integer                -- the attempt continued after this epoch
+    resumed_from_epoch integer,               -- the attempt continued after this epoch
+    cached_features boolean                   -- the frozen backbone's features were computed once
 );
 CREATE INDEX runs_job ON runs (job_id);
 

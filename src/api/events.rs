@@ -96,7 +96,10 @@ impl Watcher {
             );
         }
         let progress = job.progress.as_ref().map(|p| p.0.clone());
-        if let Some(p) = progress.as_ref().filter(|p| self.progress.as_ref() != Some(*p)) {
+        if let Some(p) = progress
+            .as_ref()
+            .filter(|p| self.progress.as_ref() != Some(*p))
+        {
             self.push("progress", p);
         }
         self.progress = progress;

@@ -12,7 +12,7 @@ use super::extract::ApiJson;
 use super::{parse_id, AppState};
 use crate::error::{ApiError, FieldError};
 use crate::store::datasets;
-use crate::store::jobs::{self as store, JobRow, NewJob};
+use crate::store::jobs::{self as store, JobRow, NewJob, RunRow};
 use crate::store::metrics::{self, EpochMetrics};
 use crate::train::JobRequest;
 
@@ -40,6 +40,9 @@ pub struct JobView {
     error: Option<String>,
     /// The model this job produced, once it succeeded.
     model_id: Option<Uuid>,
+    /// Its attempts (only in `GET /jobs/{id}`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    runs: Option<Vec<RunRow>>,
     created_at: DateTime<Utc>,
     started_at: Option<DateTime<Utc>>,
     finished_at: Option<DateTime<Utc>>,
@@ -69,6 +72,7 @@ impl JobView {
             best_val_accuracy: job.best_metric,
             error: job.error,
             model_id: job.model_id,
+            runs: None,
             created_at: job.created_at,
             started_at: job.started_at,
             finished_at: job.finished_at,
@@ -138,7 +142,12 @@ pub async fn get(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<JobView>, ApiError> {
-    Ok(Json(JobView::new(find(&state, &id).await?)))
+    let job = find(&state, &id).await?;
+    let runs = store::runs(&state.pool, job.id).await?;
+    Ok(Json(JobView {
+        runs: Some(runs),
+        ..JobView::new(job)
+    }))
 }
 
 pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<JobView>>, ApiError> {

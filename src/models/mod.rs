@@ -167,6 +167,11 @@ impl Classifier {
 
     /// Logits `[N, classes]` for model input `[N, 3, H, W]`.
     pub fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        self.head_t(&self.features_t(xs, train), train)
+    }
+
+    /// The backbone's pooled features `[N, feature_dim]`.
+    pub fn features_t(&self, xs: &Tensor, train: bool) -> Tensor {
         let (frozen, trainable) = self.stages.split_at(self.frozen);
         let frozen_train = train && !self.frozen_batchnorm;
         let mut x = tch::no_grad(|| {
@@ -177,10 +182,15 @@ impl Classifier {
         for stage in trainable {
             x = stage.forward_t(&x, train);
         }
-        let features = global_average_pool(&x);
+        global_average_pool(&x)
+    }
+
+    /// Logits from pooled features (dropout, then the linear head).
+    pub fn head_t(&self, features: &Tensor, train: bool) -> Tensor {
         self.head.forward(&features.dropout(HEAD_DROPOUT, train))
     }
 }
+
 /// `[N, C, H, W]` → `[N, C]`.
 pub fn global_average_pool(x: &Tensor) -> Tensor {
     x.mean_dim(Some([2i64, 3].as_slice()), false, tch::Kind::Float)

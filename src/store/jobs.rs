@@ -307,3 +307,42 @@ pub async fn cancel_requested(pool: &PgPool, id: Uuid) -> sqlx::Result<bool> {
         .fetch_one(pool)
         .await
 }
+
+pub async fn set_run_cached_features(
+    pool: &PgPool,
+    run_id: Uuid,
+    cached: bool,
+) -> sqlx::Result<()> {
+    sqlx::query("UPDATE runs SET cached_features = $2 WHERE id = $1")
+        .bind(run_id)
+        .bind(cached)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// One attempt of a job, as users see it.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct RunRow {
+    pub id: Uuid,
+    pub attempt: i32,
+    pub worker: String,
+    pub device: String,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub outcome: Option<String>,
+    pub error: Option<String>,
+    pub resumed_from_epoch: Option<i32>,
+    pub cached_features: Option<bool>,
+}
+
+pub async fn runs(pool: &PgPool, job_id: Uuid) -> sqlx::Result<Vec<RunRow>> {
+    sqlx::query_as(
+        "SELECT id, attempt, worker, device, started_at, finished_at, outcome, error,
+             resumed_from_epoch, cached_features
+         FROM runs WHERE job_id = $1 ORDER BY started_at",
+    )
+    .bind(job_id)
+    .fetch_all(pool)
+    .await
+}

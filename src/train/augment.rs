@@ -77,7 +77,11 @@ impl Augmentation {
         if !self.enabled {
             return preprocess::center_view(stored, image_size);
         }
-        let mut images = self.geometry(stored, image_size);
+        let mut images = if self.has_geometry() {
+            self.geometry(stored, image_size)
+        } else {
+            preprocess::center_view(stored, image_size)
+        };
         if self.horizontal_flip {
             images = random_flip(&images, 3);
         }
@@ -85,6 +89,29 @@ impl Augmentation {
             images = random_flip(&images, 2);
         }
         self.colour(&images)
+    }
+
+    /// Whether any random rotation, zoom or crop (and so shifting) applies.
+    fn has_geometry(&self) -> bool {
+        self.rotation_degrees > 0.0 || self.zoom > 0.0 || self.min_crop_area < 1.0
+    }
+
+    /// The distinct views training can see, when they are few: the evaluation
+    /// view, and its mirror image with horizontal flips. `None` when the
+    /// augmentation draws from a continuum (rotation, zoom, crop, colour).
+    pub fn enumerable_views(&self) -> Option<Vec<View>> {
+        if !self.enabled {
+            return Some(vec![View::Plain]);
+        }
+        let colour = self.brightness > 0.0 || self.contrast > 0.0 || self.saturation > 0.0;
+        if self.has_geometry() || colour || self.vertical_flip {
+            return None;
+        }
+        Some(if self.horizontal_flip {
+            vec![View::Plain, View::Mirrored]
+        } else {
+            vec![View::Plain]
+        })
     }
 
     fn geometry(&self, stored: &Tensor, image_size: i64) -> Tensor {
@@ -137,6 +164,24 @@ impl Augmentation {
             x = (&x - &g) * factor(self.saturation) + g;
         }
         x.clamp(0.0, 1.0)
+    }
+}
+
+/// One of the few views [`Augmentation::enumerable_views`] lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum View {
+    Plain,
+    Mirrored,
+}
+
+impl View {
+    /// This view of canonical images, in [0, 1].
+    pub fn apply(self, stored: &Tensor, image_size: i64) -> Tensor {
+        let plain = preprocess::center_view(stored, image_size);
+        match self {
+            View::Plain => plain,
+            View::Mirrored => plain.flip([3]),
+        }
     }
 }
 

@@ -39,6 +39,7 @@ pub struct JobRequest {
     pub label_smoothing: Option<f64>,
     pub class_weights: Option<String>,
     pub augmentation: Option<Augmentation>,
+    pub cache_features: Option<bool>,
     pub early_stopping_patience: Option<i64>,
     pub selection_metric: Option<String>,
     pub priority: Option<i32>,
@@ -135,6 +136,9 @@ pub struct JobConfig {
     pub label_smoothing: f64,
     pub class_weights: ClassWeights,
     pub augmentation: Augmentation,
+    /// With a backbone frozen for the whole run and only flips (or no)
+    /// augmentation, compute its features once and train the head on them.
+    pub cache_features: bool,
     pub early_stopping_patience: Option<i64>,
     pub selection_metric: SelectionMetric,
 }
@@ -287,6 +291,7 @@ impl JobRequest {
                 &[("none", ClassWeights::None), ("auto", ClassWeights::Auto)],
             ),
             augmentation: self.augmentation.unwrap_or_default(),
+            cache_features: self.cache_features.unwrap_or(true),
             early_stopping_patience: self
                 .early_stopping_patience
                 .map(|p| c.int("early_stopping_patience", Some(p), p, 1, 1000)),

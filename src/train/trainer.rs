@@ -9,7 +9,8 @@ use sqlx::types::Json;
 use tch::nn::{self, OptimizerConfig};
 use tch::{Device, Kind, Reduction, Tensor};
 
-use super::config::{ClassWeights, JobConfig, Optimizer};
+use super::augment::View;
+use super::config::{ClassWeights, Freeze, JobConfig, Optimizer};
 use super::metrics::{macro_f1, Confusion};
 use crate::data::{self, preprocess};
 use crate::models::{self, Classifier};
@@ -47,6 +48,8 @@ pub fn epoch_checkpoint(job_dir: &Path, epoch: i64) -> PathBuf {
 }
 
 pub enum TrainEvent {
+    /// Training is about to start; whether it trains on cached features.
+    Started { cached_features: bool },
     /// Within an epoch: `step` of `steps` batches done (sent at most every
     /// [`PROGRESS_INTERVAL`]).
     Progress {
@@ -155,6 +158,14 @@ fn train_inner(
 
     let n_train = train_y.size()[0];
     let steps = (n_train + cfg.batch_size - 1) / cfg.batch_size;
+    let cache_started = Instant::now();
+    model.set_frozen_stages(&vs, cfg.frozen_stages(first_epoch, stages));
+    let cache = FeatureCache::build(&model, cfg, &train_x, &val_x, spec.device, &norm);
+    on_event(TrainEvent::Started {
+        cached_features: cache.is_some(),
+    });
+    // The one-off cost of the cache is part of the first epoch's time.
+    let mut extra_seconds = cache_started.elapsed().as_secs_f64();
     let mut best = spec
         .resume
         .as_ref()
@@ -178,10 +189,16 @@ fn train_inner(
             set_learning_rates(&mut opt, cfg, lr, stages);
 
             let idx = order.narrow(0, start, len);
-            let xs = train_x.index_select(0, &idx).to_device(spec.device);
             let ys = train_y.index_select(0, &idx).to_device(spec.device);
-            let input = preprocess::normalize(&cfg.augmentation.apply(&xs, cfg.image_size), &norm);
-            let logits = model.forward_t(&input, true);
+            let logits = match &cache {
+                Some(cache) => model.head_t(&cache.train_batch(&idx), true),
+                None => {
+                    let xs = train_x.index_select(0, &idx).to_device(spec.device);
+                    let input =
+                        preprocess::normalize(&cfg.augmentation.apply(&xs, cfg.image_size), &norm);
+                    model.forward_t(&input, true)
+                }
+            };
             let loss = logits.cross_entropy_loss(
                 &ys,
                 class_weights.as_ref(),
@@ -218,7 +235,14 @@ fn train_inner(
         }
         let train_seconds = started.elapsed().as_secs_f64();
 
-        let eval = evaluate(&model, &val_x, &val_y, spec, &norm, class_weights.as_ref());
+        let val_logits = |start: i64, len: i64| match &cache {
+            Some(cache) => model.head_t(&cache.val.narrow(0, start, len), false),
+            None => {
+                let xs = val_x.narrow(0, start, len).to_device(spec.device);
+                model.forward_t(&preprocess::model_input(&xs, cfg.image_size, &norm), false)
+            }
+        };
+        let eval = evaluate(val_logits, &val_y, spec, class_weights.as_ref());
         let per_class = eval.confusion.per_class(&spec.labels);
         let metrics = EpochMetrics {
             epoch: epoch as i32,
@@ -232,7 +256,7 @@ fn train_inner(
             learning_rate: lr,
             frozen_stages: model.frozen_stages() as i32,
             images_per_second: n_train as f64 / train_seconds,
-            seconds: started.elapsed().as_secs_f64(),
+            seconds: started.elapsed().as_secs_f64() + std::mem::take(&mut extra_seconds),
             per_class: Json(per_class),
             confusion_matrix: Json(eval.confusion.matrix),
         };
@@ -324,13 +348,13 @@ struct Evaluation {
     top_k_accuracy: f64,
 }
 
-/// Mean validation loss, the confusion matrix and top-k accuracy, without gradients.
+/// Mean validation loss, the confusion matrix and top-k accuracy, without
+/// gradients. `logits_of(start, len)` gives the logits of a slice of the
+/// validation split.
 fn evaluate(
-    model: &Classifier,
-    images: &Tensor,
+    logits_of: impl Fn(i64, i64) -> Tensor,
     labels: &Tensor,
     spec: &TrainSpec,
-    norm: &preprocess::Normalization,
     class_weights: Option<&Tensor>,
 ) -> Evaluation {
     let n = labels.size()[0];
@@ -340,12 +364,8 @@ fn evaluate(
     tch::no_grad(|| {
         for start in (0..n).step_by(EVAL_BATCH as usize) {
             let len = EVAL_BATCH.min(n - start);
-            let xs = images.narrow(0, start, len).to_device(spec.device);
             let ys = labels.narrow(0, start, len).to_device(spec.device);
-            let logits = model.forward_t(
-                &preprocess::model_input(&xs, spec.config.image_size, norm),
-                false,
-            );
+            let logits = logits_of(start, len);
             loss_sum += logits
                 .cross_entropy_loss(&ys, class_weights, Reduction::Sum, -100, 0.0)
                 .double_value(&[]);
@@ -375,6 +395,63 @@ fn evaluate(
         confusion,
         k,
         top_k_accuracy: top_k_hits as f64 / n as f64,
+    }
+}
+
+/// Backbone features computed once, when the backbone stays frozen for the
+/// whole run and training sees only a few distinct views of each image (no
+/// augmentation, or horizontal flips alone): epochs then cost only the head.
+struct FeatureCache {
+    /// Per view, `[n_train, feature_dim]`.
+    train: Vec<Tensor>,
+    /// `[n_val, feature_dim]`, of the evaluation view.
+    val: Tensor,
+}
+
+impl FeatureCache {
+    fn build(
+        model: &Classifier,
+        cfg: &JobConfig,
+        train_x: &Tensor,
+        val_x: &Tensor,
+        device: Device,
+        norm: &preprocess::Normalization,
+    ) -> Option<Self> {
+        if !cfg.cache_features || cfg.freeze != Freeze::Head {
+            return None;
+        }
+        let views = cfg.augmentation.enumerable_views()?;
+        let features = |stored: &Tensor, view: View| {
+            let n = stored.size()[0];
+            let parts: Vec<Tensor> = (0..n)
+                .step_by(EVAL_BATCH as usize)
+                .map(|start| {
+                    let xs = stored
+                        .narrow(0, start, EVAL_BATCH.min(n - start))
+                        .to_device(device);
+                    let input = preprocess::normalize(&view.apply(&xs, cfg.image_size), norm);
+                    tch::no_grad(|| model.features_t(&input, false))
+                })
+                .collect();
+            Tensor::cat(&parts, 0)
+        };
+        Some(Self {
+            train: views.iter().map(|&v| features(train_x, v)).collect(),
+            val: features(val_x, View::Plain),
+        })
+    }
+
+    /// Features of the training images `idx`, each in a random view.
+    fn train_batch(&self, idx: &Tensor) -> Tensor {
+        let idx = idx.to_device(self.val.device());
+        let plain = self.train[0].index_select(0, &idx);
+        match self.train.get(1) {
+            None => plain,
+            Some(mirrored) => {
+                let pick = Tensor::rand([idx.size()[0], 1], (Kind::Float, plain.device())).lt(0.5);
+                mirrored.index_select(0, &idx).where_self(&pick, &plain)
+            }
+        }
     }
 }
 

@@ -252,6 +252,9 @@ impl Worker {
         event: TrainEvent,
     ) -> Result<(), RunError> {
         let stored = match event {
+            TrainEvent::Started { cached_features } => {
+                jobs::set_run_cached_features(&self.pool, run_id, cached_features).await
+            }
             TrainEvent::Progress {
                 epoch,
                 step,

@@ -214,7 +214,8 @@ async fn the_event_stream_reports_status_progress_and_epochs_in_order() {
         .collect();
     let kinds: Vec<&str> = events.iter().map(|(k, _)| k.as_str()).collect();
     assert_eq!(kinds.first(), Some(&"status"), "{kinds:?}");
-    assert_eq!(events[0].1["status"], "queued");
+    // The worker may claim the job before the stream's first look.
+    assert!(["queued", "running"].contains(&events[0].1["status"].as_str().unwrap()));
     let (last_kind, last) = events.last().unwrap();
     assert_eq!(
         (last_kind.as_str(), last["status"].as_str()),

@@ -174,3 +174,35 @@ async fn upload_train_and_predict_beats_chance_by_far() {
         3
     );
 }
+
+#[tokio::test]
+async fn cached_features_train_the_same_model_as_the_full_forward_pass() {
+    let app = TestApp::spawn().await;
+    let dataset = app.shapes_dataset(6, 48).await;
+    let mut histories = Vec::new();
+    for cache in [true, false] {
+        let job = app
+            .submit_job(json!({
+                "dataset_id": dataset, "epochs": 3, "image_size": 64, "batch_size": 4,
+                "learning_rate": 0.01, "augmentation": { "enabled": false }, "cache_features": cache
+            }))
+            .await;
+        let outcome = app.worker.try_execute_one(None).await.unwrap();
+        assert!(
+            matches!(outcome, Outcome::Ran { ref status, .. } if status == "succeeded"),
+            "{outcome:?}"
+        );
+        let view = app.get(&format!("/jobs/{job}")).await.json;
+        assert_eq!(view["runs"][0]["cached_features"], cache, "{view:?}");
+        let rows = app.get(&format!("/jobs/{job}/metrics")).await.json["epochs"].clone();
+        histories.push(rows.as_array().unwrap().clone());
+    }
+    let (cached, full) = (&histories[0], &histories[1]);
+    assert_eq!(cached.len(), 3);
+    for (c, f) in cached.iter().zip(full) {
+        for field in ["train_loss", "val_loss", "val_accuracy"] {
+            let (c, f) = (c[field].as_f64().unwrap(), f[field].as_f64().unwrap());
+            assert!((c - f).abs() < 1e-4, "{field}: cached {c} vs full {f}");
+        }
+    }
+}
