@@ -6,7 +6,7 @@ use finetuned::models::{self, Classifier};
 use tch::nn::{self, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 
-use crate::helpers::weights_dir;
+use crate::helpers::{torch_rng_blocking, weights_dir};
 
 fn snapshot(vs: &nn::VarStore) -> HashMap<String, Tensor> {
     vs.variables()
@@ -18,6 +18,7 @@ fn snapshot(vs: &nn::VarStore) -> HashMap<String, Tensor> {
 /// Runs one training step with the first `frozen` stages frozen; returns
 /// the names of the variables that changed.
 fn changed_after_one_step(frozen: usize, frozen_batchnorm: bool) -> (Vec<String>, usize) {
+    let _rng = torch_rng_blocking();
     let spec = models::find("mobilenet_v2").unwrap();
     let mut vs = nn::VarStore::new(Device::Cpu);
     let mut model =

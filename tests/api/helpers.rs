@@ -71,6 +71,18 @@ pub async fn fresh_database() -> PgPool {
     pool
 }
 
+/// libtorch's random generator is one per process: tests that draw from it
+/// (every training run) take this lock, so a seeded run is reproducible.
+static TORCH_RNG: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+pub async fn torch_rng() -> tokio::sync::MutexGuard<'static, ()> {
+    TORCH_RNG.lock().await
+}
+
+pub fn torch_rng_blocking() -> tokio::sync::MutexGuard<'static, ()> {
+    TORCH_RNG.blocking_lock()
+}
+
 /// Where setup put the pretrained weights.
 pub fn weights_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("FINETUNED_WEIGHTS_DIR") {

@@ -10,7 +10,7 @@ use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
-use crate::helpers::TestApp;
+use crate::helpers::{torch_rng, TestApp};
 
 async fn metrics(app: &TestApp, job_id: &str) -> Vec<Value> {
     app.get(&format!("/jobs/{job_id}/metrics")).await.json["epochs"]
@@ -26,6 +26,7 @@ fn epochs_of(rows: &[Value]) -> Vec<i64> {
 #[tokio::test]
 async fn early_stopping_ends_the_run_when_the_metric_stalls() {
     let app = TestApp::spawn().await;
+    let _rng = torch_rng().await;
     let dataset = app.shapes_dataset(4, 40).await;
     // A learning rate this small leaves the validation loss where it is.
     let job = app
@@ -81,6 +82,7 @@ async fn cancelling_a_queued_job_takes_it_out_of_the_queue() {
 #[tokio::test]
 async fn cancelling_a_running_job_stops_it_and_keeps_its_epochs() {
     let app = TestApp::spawn().await;
+    let _rng = torch_rng().await;
     let dataset = app.shapes_dataset(8, 48).await;
     let job = app
         .submit_job(
@@ -115,6 +117,7 @@ async fn cancelling_a_running_job_stops_it_and_keeps_its_epochs() {
 #[tokio::test]
 async fn a_stopped_worker_hands_the_job_back_and_the_next_attempt_resumes() {
     let app = TestApp::spawn().await;
+    let _rng = torch_rng().await;
     let dataset = app.shapes_dataset(6, 40).await;
     let job = app
         .submit_job(
@@ -157,6 +160,7 @@ async fn a_stopped_worker_hands_the_job_back_and_the_next_attempt_resumes() {
 #[tokio::test]
 async fn an_expired_lease_is_taken_over_by_another_worker() {
     let app = TestApp::spawn().await;
+    let _rng = torch_rng().await;
     let dataset = app.shapes_dataset(4, 32).await;
     let job = app
         .submit_job(
@@ -188,6 +192,7 @@ async fn an_expired_lease_is_taken_over_by_another_worker() {
 #[tokio::test]
 async fn the_event_stream_reports_status_progress_and_epochs_in_order() {
     let app = TestApp::spawn().await;
+    let _rng = torch_rng().await;
     let dataset = app.shapes_dataset(6, 40).await;
     let job = app
         .submit_job(

@@ -5,11 +5,12 @@ use finetuned::train::Outcome;
 use image::ImageFormat;
 use serde_json::json;
 
-use crate::helpers::{encode, render, shapes_zip, Part, TestApp, SHAPES};
+use crate::helpers::{encode, render, shapes_zip, torch_rng, Part, TestApp, SHAPES};
 
 #[tokio::test]
 async fn upload_train_and_predict_beats_chance_by_far() {
     let app = TestApp::spawn().await;
+    let _rng = torch_rng().await;
 
     let reply = app
         .post_multipart("/predict", &[Part::file("image", "x.png", vec![])])
@@ -178,6 +179,7 @@ async fn upload_train_and_predict_beats_chance_by_far() {
 #[tokio::test]
 async fn cached_features_train_the_same_model_as_the_full_forward_pass() {
     let app = TestApp::spawn().await;
+    let _rng = torch_rng().await;
     let dataset = app.shapes_dataset(6, 48).await;
     let mut histories = Vec::new();
     for cache in [true, false] {
