@@ -38,7 +38,7 @@ fn conv_bn_relu6(
     nn::seq_t()
         .add(nn::conv2d(&p / 0, c_in, c_out, kernel, config))
         .add(nn::batch_norm2d(&p / 1, c_out, Default::default()))
-        .add_fn(|xs| xs.relu().clamp_max(6.))
+        .add_fn(|xs| xs.relu6())
 }
 
 fn inverted_residual(
