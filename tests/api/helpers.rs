@@ -15,7 +15,7 @@ use finetuned::api::{self, AppState};
 use finetuned::artifacts::Artifacts;
 use finetuned::serve::Predictor;
 use finetuned::store::{self, EmbeddedPostgres};
-use finetuned::train::Worker;
+use finetuned::train::{Outcome, Worker};
 use http_body_util::BodyExt;
 use image::{ImageFormat, Rgb, RgbImage};
 use rand::{Rng, SeedableRng};
@@ -81,6 +81,14 @@ pub async fn torch_rng() -> tokio::sync::MutexGuard<'static, ()> {
 
 pub fn torch_rng_blocking() -> tokio::sync::MutexGuard<'static, ()> {
     TORCH_RNG.blocking_lock()
+}
+
+/// The final status of a job the worker ran (panics if it ran none).
+pub fn ran_status(outcome: Outcome) -> String {
+    match outcome {
+        Outcome::Ran { status, .. } => status,
+        Outcome::Idle => panic!("the worker found no job"),
+    }
 }
 
 /// Where setup put the pretrained weights.
@@ -178,6 +186,11 @@ impl TestApp {
 
     pub async fn get(&self, path: &str) -> Reply {
         self.send(Request::get(path).body(Body::empty()).unwrap())
+            .await
+    }
+
+    pub async fn post_empty(&self, path: &str) -> Reply {
+        self.send(Request::post(path).body(Body::empty()).unwrap())
             .await
     }
 

@@ -10,7 +10,7 @@ use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
-use crate::helpers::{torch_rng, TestApp};
+use crate::helpers::{ran_status, torch_rng, TestApp};
 
 async fn metrics(app: &TestApp, job_id: &str) -> Vec<Value> {
     app.get(&format!("/jobs/{job_id}/metrics")).await.json["epochs"]
@@ -37,10 +37,7 @@ async fn early_stopping_ends_the_run_when_the_metric_stalls() {
         }))
         .await;
     let outcome = app.worker.try_execute_one(None).await.unwrap();
-    assert!(
-        matches!(outcome, Outcome::Ran { ref status, .. } if status == "succeeded"),
-        "{outcome:?}"
-    );
+    assert_eq!(ran_status(outcome), "succeeded");
     let rows = metrics(&app, &job).await;
     assert!(rows.len() < 8, "ran all {} epochs", rows.len());
     assert!(rows.len() >= 3);
@@ -56,26 +53,14 @@ async fn cancelling_a_queued_job_takes_it_out_of_the_queue() {
     let job = app
         .submit_job(json!({ "dataset_id": dataset, "epochs": 1 }))
         .await;
-    let reply = app
-        .send(
-            Request::post(format!("/jobs/{job}/cancel"))
-                .body(Body::empty())
-                .unwrap(),
-        )
-        .await;
+    let reply = app.post_empty(&format!("/jobs/{job}/cancel")).await;
     assert_eq!(reply.status, StatusCode::ACCEPTED);
     assert_eq!(reply.json["status"], "cancelled");
     assert_eq!(
         app.worker.try_execute_one(None).await.unwrap(),
         Outcome::Idle
     );
-    let again = app
-        .send(
-            Request::post(format!("/jobs/{job}/cancel"))
-                .body(Body::empty())
-                .unwrap(),
-        )
-        .await;
+    let again = app.post_empty(&format!("/jobs/{job}/cancel")).await;
     again.assert_problem(StatusCode::CONFLICT);
 }
 
@@ -92,21 +77,13 @@ async fn cancelling_a_running_job_stops_it_and_keeps_its_epochs() {
     let worker = app.worker.clone();
     let running = tokio::spawn(async move { worker.try_execute_one(None).await });
     wait_until(&app, &job, |j| j["epoch"].as_i64() >= Some(1)).await;
-    let reply = app
-        .send(
-            Request::post(format!("/jobs/{job}/cancel"))
-                .body(Body::empty())
-                .unwrap(),
-        )
-        .await;
+    let reply = app.post_empty(&format!("/jobs/{job}/cancel")).await;
     assert_eq!(reply.status, StatusCode::ACCEPTED);
     assert_eq!(reply.json["cancel_requested"], true);
     let outcome = tokio::time::timeout(Duration::from_secs(30), running)
         .await
         .expect("stops promptly");
-    assert!(
-        matches!(outcome.unwrap().unwrap(), Outcome::Ran { status, .. } if status == "cancelled")
-    );
+    assert_eq!(ran_status(outcome.unwrap().unwrap()), "cancelled");
     let view = app.get(&format!("/jobs/{job}")).await.json;
     assert_eq!(view["status"], "cancelled");
     assert!(view["model_id"].is_null());
@@ -130,10 +107,7 @@ async fn a_stopped_worker_hands_the_job_back_and_the_next_attempt_resumes() {
     wait_until(&app, &job, |j| j["epoch"].as_i64() >= Some(2)).await;
     stop.send(true).unwrap();
     let outcome = first.await.unwrap().unwrap();
-    assert!(
-        matches!(outcome, Outcome::Ran { ref status, .. } if status == "queued"),
-        "{outcome:?}"
-    );
+    assert_eq!(ran_status(outcome), "queued");
     let stopped_at = app.get(&format!("/jobs/{job}")).await.json["epoch"]
         .as_i64()
         .unwrap();
@@ -143,10 +117,7 @@ async fn a_stopped_worker_hands_the_job_back_and_the_next_attempt_resumes() {
     );
 
     let outcome = app.worker.try_execute_one(None).await.unwrap();
-    assert!(
-        matches!(outcome, Outcome::Ran { ref status, .. } if status == "succeeded"),
-        "{outcome:?}"
-    );
+    assert_eq!(ran_status(outcome), "succeeded");
     assert_eq!(epochs_of(&metrics(&app, &job).await), [1, 2, 3, 4]);
     let resumed: Option<i32> =
         sqlx::query_scalar("SELECT resumed_from_epoch FROM runs ORDER BY started_at DESC LIMIT 1")
@@ -182,10 +153,7 @@ async fn an_expired_lease_is_taken_over_by_another_worker() {
         .await
         .unwrap();
     let outcome = app.worker.try_execute_one(None).await.unwrap();
-    assert!(
-        matches!(outcome, Outcome::Ran { ref status, .. } if status == "succeeded"),
-        "{outcome:?}"
-    );
+    assert_eq!(ran_status(outcome), "succeeded");
     assert_eq!(app.get(&format!("/jobs/{job}")).await.json["attempts"], 2);
 }
 

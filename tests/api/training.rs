@@ -5,7 +5,7 @@ use finetuned::train::Outcome;
 use image::ImageFormat;
 use serde_json::json;
 
-use crate::helpers::{encode, render, shapes_zip, torch_rng, Part, TestApp, SHAPES};
+use crate::helpers::{encode, ran_status, render, shapes_zip, torch_rng, Part, TestApp, SHAPES};
 
 #[tokio::test]
 async fn upload_train_and_predict_beats_chance_by_far() {
@@ -190,10 +190,7 @@ async fn cached_features_train_the_same_model_as_the_full_forward_pass() {
             }))
             .await;
         let outcome = app.worker.try_execute_one(None).await.unwrap();
-        assert!(
-            matches!(outcome, Outcome::Ran { ref status, .. } if status == "succeeded"),
-            "{outcome:?}"
-        );
+        assert_eq!(ran_status(outcome), "succeeded");
         let view = app.get(&format!("/jobs/{job}")).await.json;
         assert_eq!(view["runs"][0]["cached_features"], cache, "{view:?}");
         let rows = app.get(&format!("/jobs/{job}/metrics")).await.json["epochs"].clone();
