@@ -104,6 +104,13 @@ CREATE TABLE models (
     created_at    timestamptz NOT NULL DEFAULT now()
 );
 
+-- Which model each alias serves; `default` is what /predict uses when no model is named.
+CREATE TABLE deployments (
+    alias       text PRIMARY KEY,
+    model_id    uuid NOT NULL REFERENCES models (id),
+    deployed_at timestamptz NOT NULL DEFAULT now()
+);
+
 CREATE TABLE workers (
     id           text PRIMARY KEY,
     host         text NOT NULL,

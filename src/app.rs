@@ -17,8 +17,6 @@ use crate::serve::Predictor;
 use crate::store::{self, EmbeddedPostgres};
 use crate::train::Worker;
 
-/// Loaded models the inference thread keeps in memory.
-const MODEL_CACHE_CAPACITY: usize = 4;
 /// A claim lives this long without a heartbeat (heartbeats come every third of it).
 const LEASE: Duration = Duration::from_secs(60);
 /// An idle worker looks at the queue at least this often, notifications aside.
@@ -132,7 +130,8 @@ pub async fn serve(
     let state = AppState {
         pool: db.pool.clone(),
         artifacts: artifacts.clone(),
-        predictor: Predictor::start(device, MODEL_CACHE_CAPACITY)?,
+        predictor: Predictor::start(config.batching(device))?,
+        predict_timeout: Duration::from_secs(config.predict_timeout_secs),
         weights_dir: config.weights_dir(),
         max_upload_bytes: config.max_upload_bytes,
         max_predict_bytes: config.max_predict_bytes,

@@ -53,12 +53,39 @@ pub struct Config {
     #[arg(long, env = "FINETUNED_MAX_PREDICT_BYTES", default_value_t = 20 * 1024 * 1024)]
     pub max_predict_bytes: usize,
 
+    /// How long the first `/predict` request of a batch waits for others to
+    /// join its forward pass, in milliseconds.
+    #[arg(long, env = "FINETUNED_BATCH_WINDOW_MS", default_value_t = 2)]
+    pub batch_window_ms: u64,
+
+    /// Most images in one inference forward pass.
+    #[arg(long, env = "FINETUNED_MAX_BATCH", default_value_t = 32)]
+    pub max_batch: usize,
+
+    /// `/predict` requests that may wait for the model; more get 503 + Retry-After.
+    #[arg(long, env = "FINETUNED_PREDICT_QUEUE", default_value_t = 64)]
+    pub predict_queue: usize,
+
+    /// Longest a `/predict` request may take, in seconds (503 after).
+    #[arg(long, env = "FINETUNED_PREDICT_TIMEOUT_SECS", default_value_t = 30)]
+    pub predict_timeout_secs: u64,
+
     /// Log format: `text` or `json`.
     #[arg(long, env = "FINETUNED_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
 }
 
 impl Config {
+    pub fn batching(&self, device: tch::Device) -> crate::serve::BatchingConfig {
+        crate::serve::BatchingConfig {
+            device,
+            cache_capacity: 4,
+            window: std::time::Duration::from_millis(self.batch_window_ms),
+            max_batch: self.max_batch.max(1),
+            queue: self.predict_queue.max(1),
+        }
+    }
+
     pub fn weights_dir(&self) -> PathBuf {
         self.weights_dir
             .clone()
@@ -90,6 +117,10 @@ impl std::fmt::Debug for Config {
             .field("torch_threads", &self.torch_threads())
             .field("max_upload_bytes", &self.max_upload_bytes)
             .field("max_predict_bytes", &self.max_predict_bytes)
+            .field("batch_window_ms", &self.batch_window_ms)
+            .field("max_batch", &self.max_batch)
+            .field("predict_queue", &self.predict_queue)
+            .field("predict_timeout_secs", &self.predict_timeout_secs)
             .finish()
     }
 }

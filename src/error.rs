@@ -46,9 +46,15 @@ pub enum ApiError {
         detail: String,
         errors: Vec<FieldError>,
     },
+    /// 415: the body's content type is not one this route reads.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
     /// 503: a dependency is not ready.
     #[error("{0}")]
     Unavailable(String),
+    /// 503 with `Retry-After`: too busy right now; try again shortly.
+    #[error("{0}")]
+    Overloaded(String),
     /// 500: logged in full, shown to clients only as a generic message.
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
@@ -70,7 +76,8 @@ impl ApiError {
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::Unavailable(_) | Self::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -109,12 +116,18 @@ impl IntoResponse for ApiError {
             errors,
         };
         let json = serde_json::to_vec(&body).expect("problem serializes");
-        (
+        let mut response = (
             status,
             [(header::CONTENT_TYPE, "application/problem+json")],
             json,
         )
-            .into_response()
+            .into_response();
+        if matches!(self, Self::Overloaded(_)) {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        }
+        response
     }
 }
 

@@ -5,6 +5,7 @@ mod events;
 mod extract;
 mod health;
 mod jobs;
+mod models;
 mod predict;
 
 use std::path::PathBuf;
@@ -30,6 +31,7 @@ pub struct AppState {
     pub weights_dir: PathBuf,
     pub max_upload_bytes: usize,
     pub max_predict_bytes: usize,
+    pub predict_timeout: std::time::Duration,
 }
 
 /// JSON request bodies (job configurations) are small.
@@ -49,6 +51,10 @@ pub fn router(state: AppState) -> Router {
         .route("/jobs/{id}/metrics", get(jobs::metrics))
         .route("/jobs/{id}/events", get(events::events))
         .route("/jobs/{id}/cancel", post(jobs::cancel))
+        .route("/models", get(models::list))
+        .route("/models/{id}", get(models::get))
+        .route("/models/{id}/deploy", post(models::deploy))
+        .route("/models/{id}/export", get(models::export))
         .route("/backbones", get(health::backbones))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))

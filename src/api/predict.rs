@@ -1,9 +1,14 @@
-//! `POST /predict`: top-k labels for uploaded images.
+//! `POST /predict`: top-k labels for images, as multipart `image` parts, a
+//! JSON body of base64 images, or one raw `image/*` body.
 
 use std::time::Instant;
 
-use axum::extract::{Multipart, State};
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Multipart, Request, State};
+use axum::http::header;
 use axum::Json;
+use base64::Engine;
+use futures_util::future::join_all;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -12,12 +17,12 @@ use super::AppState;
 use crate::data::preprocess;
 use crate::error::{ApiError, FieldError};
 use crate::serve::{ModelSpec, Prediction, ServeError};
-use crate::store::models::{self, ModelRow};
+use crate::store::models::{self, ModelRow, DEFAULT_ALIAS};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PredictParams {
-    /// Model id; the newest model when absent.
+    /// Model id or deployment alias; the `default` deployment when absent.
     model: Option<String>,
     top_k: Option<usize>,
 }
@@ -26,24 +31,44 @@ const DEFAULT_TOP_K: usize = 5;
 /// Most images one request may carry.
 const MAX_IMAGES: usize = 64;
 
-#[derive(Serialize)]
-pub struct ImagePrediction {
-    /// The file name the client gave the part, if any.
+/// The JSON form of a request: one image or several, base64-encoded.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonImages {
+    image: Option<String>,
+    images: Option<Vec<String>>,
+}
+
+/// One image of the request as received.
+struct Upload {
     filename: Option<String>,
-    predictions: Vec<Prediction>,
+    bytes: Result<Bytes, String>,
+}
+
+/// The outcome for one image: its predictions, or why it has none.
+#[derive(Serialize)]
+pub struct ImageResult {
+    /// The file name the client gave the part, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    filename: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    predictions: Option<Vec<Prediction>>,
+    /// Set when this image could not be used; the others are unaffected.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
 }
 
 #[derive(Serialize)]
 pub struct PredictResponse {
     model_id: Uuid,
-    results: Vec<ImagePrediction>,
+    results: Vec<ImageResult>,
     elapsed_ms: f64,
 }
 
 pub async fn predict(
     State(state): State<AppState>,
     ApiQuery(params): ApiQuery<PredictParams>,
-    mut multipart: Multipart,
+    request: Request,
 ) -> Result<Json<PredictResponse>, ApiError> {
     let started = Instant::now();
     let top_k = params.top_k.unwrap_or(DEFAULT_TOP_K);
@@ -54,72 +79,177 @@ pub async fn predict(
         ));
     }
     let model = resolve_model(&state, params.model.as_deref()).await?;
-
-    let mut parts = Vec::new();
-    while let Some(field) = multipart.next_field().await? {
-        let name = field.name().unwrap_or_default().to_string();
-        if name != "image" {
-            return Err(ApiError::invalid(
-                "unexpected form field",
-                vec![FieldError::new(name, "only `image` parts are accepted")],
-            ));
-        }
-        if parts.len() == MAX_IMAGES {
-            return Err(ApiError::invalid(
-                "too many images",
-                vec![FieldError::new(
-                    "image",
-                    format!("at most {MAX_IMAGES} images per request"),
-                )],
-            ));
-        }
-        let filename = field.file_name().map(str::to_string);
-        parts.push((filename, field.bytes().await?));
+    let uploads = read_images(request, &state).await?;
+    if uploads.is_empty() {
+        return Err(ApiError::invalid("no image given", vec![FieldError::new(
+            "image",
+            "send multipart `image` parts, a JSON {\"image\"|\"images\": base64}, or an image/* body",
+        )]));
     }
-    if parts.is_empty() {
+    if uploads.len() > MAX_IMAGES {
         return Err(ApiError::invalid(
-            "no image given",
+            "too many images",
             vec![FieldError::new(
                 "image",
-                "attach at least one image as an `image` form part",
+                format!("at most {MAX_IMAGES} images per request"),
             )],
         ));
     }
 
-    let (filenames, encoded): (Vec<_>, Vec<_>) = parts.into_iter().unzip();
-    let decoded = tokio::task::spawn_blocking(move || {
-        encoded
-            .iter()
-            .map(|bytes| preprocess::decode_canonical(bytes))
-            .collect::<Vec<_>>()
-    })
-    .await
-    .map_err(|err| ApiError::Internal(err.into()))?;
-    let mut images = Vec::with_capacity(decoded.len());
-    let mut errors = Vec::new();
-    for (i, result) in decoded.into_iter().enumerate() {
-        match result {
-            Ok(pixels) => images.push(pixels),
-            Err(reason) => errors.push(FieldError::new(
-                format!(
-                    "image[{i}]{}",
-                    filenames[i]
-                        .as_deref()
-                        .map(|f| format!(" ({f})"))
-                        .unwrap_or_default()
-                ),
-                format!("cannot decode: {reason}"),
-            )),
+    // Decode every image on the blocking pool, in parallel.
+    let decoded = join_all(uploads.iter().map(|upload| {
+        let bytes = upload.bytes.clone();
+        async move {
+            let bytes = bytes?;
+            tokio::task::spawn_blocking(move || preprocess::decode_canonical(&bytes))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|reason| format!("cannot decode: {reason}"))
         }
-    }
-    if !errors.is_empty() {
-        return Err(ApiError::invalid(
-            "some images could not be decoded",
-            errors,
-        ));
+    }))
+    .await;
+    let good: Vec<Vec<u8>> = decoded
+        .iter()
+        .filter_map(|d| d.as_ref().ok().cloned())
+        .collect();
+    if good.is_empty() {
+        let errors = uploads
+            .iter()
+            .zip(&decoded)
+            .enumerate()
+            .map(|(i, (u, d))| {
+                FieldError::new(
+                    image_path(i, &u.filename),
+                    d.as_ref().err().cloned().unwrap_or_default(),
+                )
+            })
+            .collect();
+        return Err(ApiError::invalid("no image could be decoded", errors));
     }
 
-    let spec = ModelSpec {
+    let spec = model_spec(&state, &model)?;
+    let predicted = tokio::time::timeout(
+        state.predict_timeout,
+        state.predictor.predict(spec, good, top_k),
+    )
+    .await
+    .map_err(|_| {
+        ApiError::Unavailable(format!(
+            "prediction took longer than {:?}",
+            state.predict_timeout
+        ))
+    })?
+    .map_err(|err| match err {
+        ServeError::Overloaded => {
+            ApiError::Overloaded("too many predictions are waiting; retry shortly".into())
+        }
+        ServeError::Stopped => ApiError::Unavailable(err.to_string()),
+        other => ApiError::Internal(other.into()),
+    })?;
+
+    let mut predicted = predicted.into_iter();
+    let results = uploads
+        .into_iter()
+        .zip(decoded)
+        .map(|(upload, decoded)| match decoded {
+            Ok(_) => ImageResult {
+                filename: upload.filename,
+                predictions: predicted.next(),
+                error: None,
+            },
+            Err(reason) => ImageResult {
+                filename: upload.filename,
+                predictions: None,
+                error: Some(reason),
+            },
+        })
+        .collect();
+    Ok(Json(PredictResponse {
+        model_id: model.id,
+        results,
+        elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
+    }))
+}
+
+/// Reads the request's images in whichever form it came.
+async fn read_images(request: Request, state: &AppState) -> Result<Vec<Upload>, ApiError> {
+    let content_type = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    if content_type.starts_with("multipart/form-data") {
+        let mut multipart = Multipart::from_request(request, state)
+            .await
+            .map_err(|e| ApiError::BadRequest(e.body_text()))?;
+        let mut uploads = Vec::new();
+        while let Some(field) = multipart.next_field().await? {
+            let name = field.name().unwrap_or_default().to_string();
+            if name != "image" {
+                return Err(ApiError::invalid(
+                    "unexpected form field",
+                    vec![FieldError::new(name, "only `image` parts are accepted")],
+                ));
+            }
+            let filename = field.file_name().map(str::to_string);
+            uploads.push(Upload {
+                filename,
+                bytes: Ok(field.bytes().await?),
+            });
+        }
+        return Ok(uploads);
+    }
+    let body = Bytes::from_request(request, state)
+        .await
+        .map_err(|rejection| {
+            if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::PayloadTooLarge(format!(
+                    "request body too large: {}",
+                    rejection.body_text()
+                ))
+            } else {
+                ApiError::BadRequest(rejection.body_text())
+            }
+        })?;
+    if content_type.starts_with("application/json") {
+        let json: JsonImages = serde_json::from_slice(&body).map_err(|err| {
+            ApiError::invalid(
+                "the JSON body does not match the schema",
+                vec![FieldError::new("body", err.to_string())],
+            )
+        })?;
+        let engine = base64::engine::general_purpose::STANDARD;
+        let encoded: Vec<String> = json
+            .image
+            .into_iter()
+            .chain(json.images.unwrap_or_default())
+            .collect();
+        return Ok(encoded
+            .into_iter()
+            .map(|text| Upload {
+                filename: None,
+                bytes: engine
+                    .decode(text.trim())
+                    .map(Bytes::from)
+                    .map_err(|e| format!("not valid base64: {e}")),
+            })
+            .collect());
+    }
+    if content_type.starts_with("image/") || content_type == "application/octet-stream" {
+        return Ok(vec![Upload {
+            filename: None,
+            bytes: Ok(body),
+        }]);
+    }
+    Err(ApiError::UnsupportedMediaType(format!(
+        "content type {content_type:?} is not accepted; use multipart/form-data, application/json or image/*"
+    )))
+}
+
+/// What the inference thread needs to load a model.
+pub(super) fn model_spec(state: &AppState, model: &ModelRow) -> Result<ModelSpec, ApiError> {
+    Ok(ModelSpec {
         id: model.id,
         checkpoint: state.artifacts.path(&model.artifact_key),
         backbone: model.backbone.clone(),
@@ -127,42 +257,30 @@ pub async fn predict(
         image_size: i64::from(model.image_size),
         normalization: serde_json::from_value(model.normalization.0.clone())
             .map_err(|e| ApiError::Internal(e.into()))?,
-    };
-    let predictions =
-        state
-            .predictor
-            .predict(spec, images, top_k)
-            .await
-            .map_err(|err| match err {
-                ServeError::Stopped => ApiError::Unavailable(err.to_string()),
-                other => ApiError::Internal(other.into()),
-            })?;
-    Ok(Json(PredictResponse {
-        model_id: model.id,
-        results: filenames
-            .into_iter()
-            .zip(predictions)
-            .map(|(filename, predictions)| ImagePrediction {
-                filename,
-                predictions,
-            })
-            .collect(),
-        elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
-    }))
+    })
 }
 
+fn image_path(index: usize, filename: &Option<String>) -> String {
+    match filename {
+        Some(f) => format!("image[{index}] ({f})"),
+        None => format!("image[{index}]"),
+    }
+}
+
+/// The model a request names (an id or a deployment alias), or the default
+/// deployment.
 async fn resolve_model(state: &AppState, requested: Option<&str>) -> Result<ModelRow, ApiError> {
     match requested {
         Some(raw) => {
-            let id = Uuid::parse_str(raw)
-                .map_err(|_| ApiError::NotFound(format!("no model with id {raw:?}")))?;
-            models::get(&state.pool, id)
-                .await?
-                .ok_or_else(|| ApiError::NotFound(format!("no model with id {id}")))
+            let found = match Uuid::parse_str(raw) {
+                Ok(id) => models::get(&state.pool, id).await?,
+                Err(_) => models::by_alias(&state.pool, raw).await?,
+            };
+            found.ok_or_else(|| ApiError::NotFound(format!("no model with id or alias {raw:?}")))
         }
-        None => models::latest(&state.pool).await?.ok_or_else(|| {
+        None => models::by_alias(&state.pool, DEFAULT_ALIAS).await?.ok_or_else(|| {
             ApiError::NotFound(
-                "no model has been trained yet: POST /jobs and wait for it to succeed".into(),
+                "no model is deployed: train one (POST /jobs) or deploy one (POST /models/{id}/deploy)".into(),
             )
         }),
     }

@@ -1,13 +1,19 @@
 //! Inference: one dedicated thread owns the loaded models and runs every
 //! forward pass; the HTTP side holds a cheap, cloneable [`Predictor`] handle
 //! and sends it already-decoded images (never tensors).
+//!
+//! Requests wait in a bounded queue (a full queue is refused at once, so
+//! overload never piles up memory). The thread gathers the requests that
+//! arrive within a short window, up to a maximum batch, and runs each
+//! model's share as one forward pass.
 
 use std::path::PathBuf;
-use std::sync::mpsc;
+use std::sync::mpsc::{self, RecvTimeoutError, TrySendError};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tch::nn::VarStore;
-use tch::{Device, Kind};
+use tch::{Device, Kind, Tensor};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
@@ -37,8 +43,24 @@ pub enum ServeError {
     Load { id: Uuid, reason: String },
     #[error("inference failed: {0}")]
     Inference(String),
+    #[error("the prediction queue is full")]
+    Overloaded,
     #[error("the inference thread is gone")]
     Stopped,
+}
+
+/// How the inference thread batches and queues.
+#[derive(Debug, Clone)]
+pub struct BatchingConfig {
+    pub device: Device,
+    /// Loaded models kept in memory.
+    pub cache_capacity: usize,
+    /// How long the first request of a batch waits for company.
+    pub window: Duration,
+    /// Most images in one forward pass.
+    pub max_batch: usize,
+    /// Requests that may wait; more are refused.
+    pub queue: usize,
 }
 
 struct Request {
@@ -51,7 +73,77 @@ struct Request {
 
 #[derive(Clone)]
 pub struct Predictor {
-    requests: mpsc::Sender<Request>,
+    requests: mpsc::SyncSender<Request>,
+}
+
+impl Predictor {
+    /// Starts the inference thread.
+    pub fn start(config: BatchingConfig) -> std::io::Result<Self> {
+        let (requests, inbox) = mpsc::sync_channel::<Request>(config.queue.max(1));
+        std::thread::Builder::new()
+            .name("inference".into())
+            .spawn(move || {
+                let mut cache = ModelCache {
+                    capacity: config.cache_capacity.max(1),
+                    device: config.device,
+                    entries: Vec::new(),
+                };
+                while let Some(batch) = gather(&inbox, &config) {
+                    cache.run(batch);
+                }
+            })?;
+        Ok(Self { requests })
+    }
+
+    /// Top-`top_k` labels with softmax scores for each image, best first.
+    pub async fn predict(
+        &self,
+        model: ModelSpec,
+        images: Vec<Vec<u8>>,
+        top_k: usize,
+    ) -> Result<Vec<Vec<Prediction>>, ServeError> {
+        let (reply, answer) = oneshot::channel();
+        self.requests
+            .try_send(Request {
+                model,
+                images,
+                top_k,
+                reply,
+            })
+            .map_err(|err| match err {
+                TrySendError::Full(_) => ServeError::Overloaded,
+                TrySendError::Disconnected(_) => ServeError::Stopped,
+            })?;
+        answer.await.map_err(|_| ServeError::Stopped)?
+    }
+
+    /// Loads a model now (with a warm-up forward pass) so its first request
+    /// is not slow.
+    pub async fn warm_up(&self, model: ModelSpec) -> Result<(), ServeError> {
+        self.predict(model, vec![vec![0; preprocess::STORED_BYTES]], 1)
+            .await
+            .map(|_| ())
+    }
+}
+
+/// Waits for a request, then gathers what arrives within the window, up to
+/// the maximum batch. `None` when every handle is gone.
+fn gather(inbox: &mpsc::Receiver<Request>, config: &BatchingConfig) -> Option<Vec<Request>> {
+    let first = inbox.recv().ok()?;
+    let deadline = Instant::now() + config.window;
+    let mut images = first.images.len();
+    let mut batch = vec![first];
+    while images < config.max_batch {
+        let wait = deadline.saturating_duration_since(Instant::now());
+        match inbox.recv_timeout(wait) {
+            Ok(request) => {
+                images += request.images.len();
+                batch.push(request);
+            }
+            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    Some(batch)
 }
 
 /// Loaded models kept in memory, least recently used first out.
@@ -68,47 +160,48 @@ struct LoadedModel {
     spec: ModelSpec,
 }
 
-impl Predictor {
-    /// Starts the inference thread on `device`, keeping up to `capacity` models loaded.
-    pub fn start(device: Device, capacity: usize) -> std::io::Result<Self> {
-        let (requests, inbox) = mpsc::channel::<Request>();
-        std::thread::Builder::new()
-            .name("inference".into())
-            .spawn(move || {
-                let mut cache = ModelCache {
-                    capacity: capacity.max(1),
-                    device,
-                    entries: Vec::new(),
-                };
-                for request in inbox {
-                    let result = cache.predict(&request.model, &request.images, request.top_k);
-                    let _ = request.reply.send(result);
-                }
-            })?;
-        Ok(Self { requests })
-    }
-
-    /// Top-`top_k` labels with softmax scores for each image, best first.
-    pub async fn predict(
-        &self,
-        model: ModelSpec,
-        images: Vec<Vec<u8>>,
-        top_k: usize,
-    ) -> Result<Vec<Vec<Prediction>>, ServeError> {
-        let (reply, answer) = oneshot::channel();
-        self.requests
-            .send(Request {
-                model,
-                images,
-                top_k,
-                reply,
-            })
-            .map_err(|_| ServeError::Stopped)?;
-        answer.await.map_err(|_| ServeError::Stopped)?
-    }
-}
-
 impl ModelCache {
+    /// Runs a gathered batch: one forward pass per model, then each request
+    /// gets its own rows.
+    fn run(&mut self, batch: Vec<Request>) {
+        let mut pending = batch;
+        while !pending.is_empty() {
+            let model_id = pending[0].model.id;
+            let (group, rest): (Vec<Request>, Vec<Request>) =
+                pending.into_iter().partition(|r| r.model.id == model_id);
+            pending = rest;
+            let images: Vec<Vec<u8>> = group
+                .iter()
+                .flat_map(|r| r.images.iter().cloned())
+                .collect();
+            let max_k = group.iter().map(|r| r.top_k).max().unwrap_or(1);
+            match self.predict(&group[0].model, &images, max_k) {
+                Ok(mut rows) => {
+                    for request in group {
+                        let rest = rows.split_off(request.images.len());
+                        let mine = std::mem::replace(&mut rows, rest);
+                        let mine = mine.into_iter().map(|mut p| {
+                            p.truncate(request.top_k);
+                            p
+                        });
+                        let _ = request.reply.send(Ok(mine.collect()));
+                    }
+                }
+                Err(err) => {
+                    for request in group {
+                        let _ = request.reply.send(Err(match &err {
+                            ServeError::Load { id, reason } => ServeError::Load {
+                                id: *id,
+                                reason: reason.clone(),
+                            },
+                            other => ServeError::Inference(other.to_string()),
+                        }));
+                    }
+                }
+            }
+        }
+    }
+
     fn predict(
         &mut self,
         spec: &ModelSpec,
@@ -119,47 +212,40 @@ impl ModelCache {
         let model = self.get(spec)?;
         let k = top_k.clamp(1, model.spec.labels.len()) as i64;
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            tch::no_grad(|| {
+            let (scores, indices) = tch::no_grad(|| {
                 let batch = preprocess::stack_canonical(images).to_device(device);
-                let input = preprocess::model_input(
-                    &batch,
-                    model.spec.image_size,
-                    &model.spec.normalization,
-                );
-                let probs = model
-                    .classifier
-                    .forward_t(&input, false)
-                    .softmax(-1, Kind::Float);
-                let (scores, indices) = probs.topk(k, -1, true, true);
-                let scores =
-                    Vec::<Vec<f32>>::try_from(scores.to_device(Device::Cpu)).expect("float scores");
-                let indices = Vec::<Vec<i64>>::try_from(indices.to_device(Device::Cpu))
-                    .expect("int64 indices");
-                scores
-                    .iter()
-                    .zip(&indices)
-                    .map(|(s, i)| {
-                        s.iter()
-                            .zip(i)
-                            .map(|(&score, &index)| Prediction {
-                                label: model.spec.labels[index as usize].clone(),
-                                score: f64::from(score),
-                            })
-                            .collect()
-                    })
-                    .collect()
-            })
+                let probs = forward_probabilities(&model.classifier, &model.spec, &batch);
+                probs.topk(k, -1, true, true)
+            });
+            let scores =
+                Vec::<Vec<f32>>::try_from(scores.to_device(Device::Cpu)).expect("float scores");
+            let indices =
+                Vec::<Vec<i64>>::try_from(indices.to_device(Device::Cpu)).expect("int64 indices");
+            scores
+                .iter()
+                .zip(&indices)
+                .map(|(s, i)| {
+                    s.iter()
+                        .zip(i)
+                        .map(|(&score, &index)| Prediction {
+                            label: model.spec.labels[index as usize].clone(),
+                            score: f64::from(score),
+                        })
+                        .collect()
+                })
+                .collect()
         }));
         result.map_err(|panic| ServeError::Inference(crate::panic_message(&panic)))
     }
 
-    /// The loaded model for `spec`, loading it (and evicting the least
-    /// recently used) on a miss.
+    /// The loaded model for `spec`, loading and warming it up (and evicting
+    /// the least recently used) on a miss.
     fn get(&mut self, spec: &ModelSpec) -> Result<&LoadedModel, ServeError> {
         if let Some(pos) = self.entries.iter().position(|(id, _)| *id == spec.id) {
             let entry = self.entries.remove(pos);
             self.entries.push(entry);
         } else {
+            let started = Instant::now();
             let loaded = load(spec, self.device).map_err(|reason| ServeError::Load {
                 id: spec.id,
                 reason,
@@ -167,11 +253,22 @@ impl ModelCache {
             if self.entries.len() >= self.capacity {
                 self.entries.remove(0);
             }
-            tracing::info!(model_id = %spec.id, "model loaded");
+            tracing::info!(model_id = %spec.id, ms = started.elapsed().as_millis() as u64, "model loaded");
             self.entries.push((spec.id, loaded));
         }
         Ok(&self.entries.last().expect("just pushed").1)
     }
+}
+
+/// Softmax scores for canonical images: the evaluation path's preprocessing
+/// and forward pass.
+pub fn forward_probabilities(
+    classifier: &Classifier,
+    spec: &ModelSpec,
+    canonical: &Tensor,
+) -> Tensor {
+    let input = preprocess::model_input(canonical, spec.image_size, &spec.normalization);
+    classifier.forward_t(&input, false).softmax(-1, Kind::Float)
 }
 
 fn load(spec: &ModelSpec, device: Device) -> Result<LoadedModel, String> {

@@ -21,7 +21,16 @@ pub struct ModelRow {
     pub epoch: i32,
     pub metrics: Json<Value>,
     pub created_at: DateTime<Utc>,
+    /// Aliases this model is deployed under.
+    pub aliases: Vec<String>,
 }
+
+const COLUMNS: &str = "id, job_id, dataset_id, backbone, labels, image_size, normalization, artifact_key, \
+     epoch, metrics, created_at, \
+     ARRAY(SELECT d.alias FROM deployments d WHERE d.model_id = models.id ORDER BY d.alias) AS aliases";
+
+/// The alias `/predict` serves when no model is named.
+pub const DEFAULT_ALIAS: &str = "default";
 
 pub struct NewModel<'a> {
     pub job_id: Uuid,
@@ -58,22 +67,59 @@ pub async fn insert(tx: &mut sqlx::PgConnection, new: NewModel<'_>) -> sqlx::Res
 }
 
 pub async fn get(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<ModelRow>> {
-    sqlx::query_as("SELECT * FROM models WHERE id = $1")
+    sqlx::query_as(&format!("SELECT {COLUMNS} FROM models WHERE id = $1"))
         .bind(id)
         .fetch_optional(pool)
         .await
 }
 
-pub async fn for_job(pool: &PgPool, job_id: Uuid) -> sqlx::Result<Option<ModelRow>> {
-    sqlx::query_as("SELECT * FROM models WHERE job_id = $1")
-        .bind(job_id)
-        .fetch_optional(pool)
-        .await
+pub async fn list(pool: &PgPool) -> sqlx::Result<Vec<ModelRow>> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM models ORDER BY created_at DESC"
+    ))
+    .fetch_all(pool)
+    .await
 }
 
-/// The model `/predict` serves when none is named: the newest one.
-pub async fn latest(pool: &PgPool) -> sqlx::Result<Option<ModelRow>> {
-    sqlx::query_as("SELECT * FROM models ORDER BY created_at DESC LIMIT 1")
-        .fetch_optional(pool)
-        .await
+/// The model deployed under `alias`.
+pub async fn by_alias(pool: &PgPool, alias: &str) -> sqlx::Result<Option<ModelRow>> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM models WHERE id = (SELECT model_id FROM deployments WHERE alias = $1)"
+    ))
+    .bind(alias)
+    .fetch_optional(pool)
+    .await
+}
+
+/// Points `alias` at `model_id`; returns the model it served before, if any.
+pub async fn deploy(pool: &PgPool, model_id: Uuid, alias: &str) -> sqlx::Result<Option<Uuid>> {
+    let mut tx = pool.begin().await?;
+    let previous: Option<Uuid> =
+        sqlx::query_scalar("SELECT model_id FROM deployments WHERE alias = $1 FOR UPDATE")
+            .bind(alias)
+            .fetch_optional(&mut *tx)
+            .await?;
+    sqlx::query(
+        "INSERT INTO deployments (alias, model_id) VALUES ($1, $2)
+         ON CONFLICT (alias) DO UPDATE SET model_id = EXCLUDED.model_id, deployed_at = now()",
+    )
+    .bind(alias)
+    .bind(model_id)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(previous)
+}
+
+/// Deploys a new model as the default when no model is deployed yet, so the
+/// first trained model serves `/predict` right away.
+pub async fn deploy_if_first(tx: &mut sqlx::PgConnection, model_id: Uuid) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO deployments (alias, model_id) VALUES ($1, $2) ON CONFLICT (alias) DO NOTHING",
+    )
+    .bind(DEFAULT_ALIAS)
+    .bind(model_id)
+    .execute(tx)
+    .await?;
+    Ok(())
 }

@@ -307,7 +307,7 @@ impl Worker {
                     .await?
                     .context("the best epoch's metrics are missing")?;
                 let key = format!("{}/{BEST_CHECKPOINT}", Artifacts::job_key(job.id));
-                store::models::insert(
+                let model_id = store::models::insert(
                     &mut tx,
                     store::models::NewModel {
                         job_id: job.id,
@@ -322,6 +322,7 @@ impl Worker {
                     },
                 )
                 .await?;
+                store::models::deploy_if_first(&mut tx, model_id).await?;
                 jobs::finish(&mut tx, job.id, &self.id, "succeeded", None).await?;
                 jobs::finish_run(&mut tx, run_id, "succeeded", None).await?;
                 "succeeded"

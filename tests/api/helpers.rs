@@ -13,7 +13,7 @@ use axum::http::{header, Request, StatusCode};
 use axum::Router;
 use finetuned::api::{self, AppState};
 use finetuned::artifacts::Artifacts;
-use finetuned::serve::Predictor;
+use finetuned::serve::{BatchingConfig, Predictor};
 use finetuned::store::{self, EmbeddedPostgres};
 use finetuned::train::{Outcome, Worker};
 use http_body_util::BodyExt;
@@ -121,6 +121,18 @@ pub struct TestApp {
 
 impl TestApp {
     pub async fn spawn() -> Self {
+        Self::spawn_with(BatchingConfig {
+            device: tch::Device::Cpu,
+            cache_capacity: 2,
+            window: Duration::from_millis(2),
+            max_batch: 32,
+            queue: 64,
+        })
+        .await
+    }
+
+    /// An app whose inference thread batches and queues as told.
+    pub async fn spawn_with(batching: BatchingConfig) -> Self {
         let pool = fresh_database().await;
         let dir = std::env::temp_dir().join(format!("finetuned-test-{}", Uuid::new_v4().simple()));
         let artifacts = Artifacts::open(dir.join("artifacts")).expect("artifacts dir");
@@ -128,7 +140,8 @@ impl TestApp {
         let state = AppState {
             pool: pool.clone(),
             artifacts: artifacts.clone(),
-            predictor: Predictor::start(tch::Device::Cpu, 2).expect("inference thread"),
+            predictor: Predictor::start(batching).expect("inference thread"),
+            predict_timeout: Duration::from_secs(30),
             weights_dir: weights_dir(),
             max_upload_bytes: 64 * 1024 * 1024,
             max_predict_bytes: 4 * 1024 * 1024,

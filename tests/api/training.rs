@@ -139,33 +139,18 @@ async fn upload_train_and_predict_beats_chance_by_far() {
         "held-out accuracy {accuracy} (chance is 0.33)"
     );
 
-    // The default model is the newest one; a broken image is named.
-    let reply = app
-        .post_multipart(
-            "/predict",
-            &[
-                Part::file(
-                    "image",
-                    "ok.png",
-                    encode(&render(0, 77, 64), ImageFormat::Png),
-                ),
-                Part::file("image", "broken.jpg", b"\xff\xd8 not really".to_vec()),
-            ],
+    // The first model is deployed as the default; a broken image gets its
+    // own error without failing its neighbour.
+    let ok = || {
+        Part::file(
+            "image",
+            "ok.png",
+            encode(&render(0, 77, 64), ImageFormat::Png),
         )
-        .await;
-    let errors = reply.assert_problem(StatusCode::UNPROCESSABLE_ENTITY);
-    assert_eq!(errors[0]["path"], "image[1] (broken.jpg)");
-    let reply = app
-        .post_multipart(
-            "/predict",
-            &[Part::file(
-                "image",
-                "ok.png",
-                encode(&render(2, 78, 64), ImageFormat::Png),
-            )],
-        )
-        .await;
-    assert_eq!(reply.status, StatusCode::OK);
+    };
+    let broken = || Part::file("image", "broken.jpg", b"\xff\xd8 not really".to_vec());
+    let reply = app.post_multipart("/predict", &[ok(), broken()]).await;
+    assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.json);
     assert_eq!(reply.json["model_id"], model_id);
     assert_eq!(
         reply.json["results"][0]["predictions"]
@@ -174,6 +159,12 @@ async fn upload_train_and_predict_beats_chance_by_far() {
             .len(),
         3
     );
+    let error = reply.json["results"][1]["error"].as_str().unwrap();
+    assert!(error.starts_with("cannot decode"), "{error}");
+    assert!(reply.json["results"][1]["predictions"].is_null());
+    let reply = app.post_multipart("/predict", &[broken()]).await;
+    let errors = reply.assert_problem(StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(errors[0]["path"], "image[0] (broken.jpg)");
 }
 
 #[tokio::test]

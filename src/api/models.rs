@@ -1,0 +1,186 @@
+//! `GET /models`, `GET /models/{id}`, `POST /models/{id}/deploy`,
+//! `GET /models/{id}/export`.
+
+use std::io::Write;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use super::extract::ApiQuery;
+use super::predict::model_spec;
+use super::{parse_id, AppState};
+use crate::error::{ApiError, FieldError};
+use crate::store::models::{self as store, ModelRow, DEFAULT_ALIAS};
+use crate::store::{datasets, jobs};
+
+pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<ModelRow>>, ApiError> {
+    Ok(Json(store::list(&state.pool).await?))
+}
+
+/// A model with where it came from.
+#[derive(Serialize)]
+pub struct ModelDetail {
+    #[serde(flatten)]
+    model: ModelRow,
+    lineage: Value,
+}
+
+pub async fn get(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<ModelDetail>, ApiError> {
+    let model = find(&state, &id).await?;
+    let job = jobs::get(&state.pool, model.job_id).await?;
+    let dataset = datasets::get(&state.pool, model.dataset_id).await?;
+    let lineage = json!({
+        "job": job.map(|j| json!({ "id": j.id, "config": j.config.0, "finished_at": j.finished_at })),
+        "dataset": dataset.map(|d| json!({ "id": d.id, "name": d.name, "classes": d.classes.0, "counts": d.counts.0 })),
+    });
+    Ok(Json(ModelDetail { model, lineage }))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct DeployRequest {
+    alias: Option<String>,
+}
+
+#[derive(Serialize)]
+pub struct Deployment {
+    alias: String,
+    model_id: Uuid,
+    /// The model the alias served before, still available by id.
+    previous_model_id: Option<Uuid>,
+}
+
+/// Deploys a model under an alias (`default` unless the body names one).
+/// The body is optional.
+pub async fn deploy(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Json<Deployment>, ApiError> {
+    let model = find(&state, &id).await?;
+    let request: DeployRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        DeployRequest::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|err| {
+            ApiError::invalid(
+                "the JSON body does not match the schema",
+                vec![FieldError::new("body", err.to_string())],
+            )
+        })?
+    };
+    let alias = request.alias.unwrap_or_else(|| DEFAULT_ALIAS.to_string());
+    let valid = !alias.is_empty()
+        && alias.len() <= 64
+        && alias
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        && Uuid::parse_str(&alias).is_err();
+    if !valid {
+        return Err(ApiError::invalid(
+            "invalid alias",
+            vec![FieldError::new(
+                "alias",
+                "1 to 64 letters, digits, '-', '_' or '.', and not a model id",
+            )],
+        ));
+    }
+    // Load and warm the model before it takes traffic.
+    state
+        .predictor
+        .warm_up(model_spec(&state, &model)?)
+        .await
+        .map_err(|err| ApiError::Internal(err.into()))?;
+    let previous_model_id = store::deploy(&state.pool, model.id, &alias).await?;
+    tracing::info!(model_id = %model.id, %alias, ?previous_model_id, "model deployed");
+    Ok(Json(Deployment {
+        alias,
+        model_id: model.id,
+        previous_model_id,
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportParams {
+    format: Option<String>,
+}
+
+/// A zip holding `weights.safetensors` (torchvision names for the backbone,
+/// `head.weight`/`head.bias` for the new head) and `model.json` (labels and
+/// the preprocessing contract).
+pub async fn export(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    ApiQuery(params): ApiQuery<ExportParams>,
+) -> Result<impl IntoResponse, ApiError> {
+    let format = params.format.unwrap_or_else(|| "safetensors".into());
+    if format != "safetensors" {
+        return Err(ApiError::invalid(
+            "unsupported export format",
+            vec![FieldError::new(
+                "query:format",
+                format!("{format:?} is not supported; use safetensors"),
+            )],
+        ));
+    }
+    let model = find(&state, &id).await?;
+    let card = json!({
+        "model_id": model.id,
+        "backbone": model.backbone,
+        "labels": model.labels.0,
+        "image_size": model.image_size,
+        "preprocessing": {
+            "normalization": model.normalization.0,
+            "steps": [
+                "decode, convert to RGB",
+                "resize the shorter side to 256 (bilinear, antialiased), center-crop 256x256",
+                "center-crop 224x224, resize to image_size x image_size (bilinear, antialiased)",
+                "scale to [0, 1], subtract mean, divide by std (per channel, RGB)",
+            ],
+        },
+        "weights": "weights.safetensors: the backbone under torchvision's names (features.*), the head as head.weight [classes, features] and head.bias",
+        "metrics": model.metrics.0,
+    });
+    let checkpoint = state.artifacts.path(&model.artifact_key);
+    let archive = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+        let weights = std::fs::read(checkpoint)?;
+        let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+        let options = zip::write::SimpleFileOptions::default();
+        zip.start_file("model.json", options)
+            .map_err(std::io::Error::other)?;
+        zip.write_all(&serde_json::to_vec_pretty(&card).map_err(std::io::Error::other)?)?;
+        zip.start_file("weights.safetensors", options)
+            .map_err(std::io::Error::other)?;
+        zip.write_all(&weights)?;
+        Ok(zip.finish().map_err(std::io::Error::other)?.into_inner())
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.into()))?
+    .map_err(|e| ApiError::Internal(e.into()))?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/zip".to_string()),
+            (
+                header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"model-{}.zip\"", model.id),
+            ),
+        ],
+        Bytes::from(archive),
+    ))
+}
+
+async fn find(state: &AppState, raw_id: &str) -> Result<ModelRow, ApiError> {
+    let id = parse_id(raw_id, "model")?;
+    store::get(&state.pool, id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no model with id {id}")))
+}
