@@ -8,4 +8,5 @@ mod helpers;
 mod jobs;
 mod lifecycle;
 mod pretrained;
+mod serving;
 mod training;
