@@ -11,8 +11,8 @@
 
 use std::io::Cursor;
 
-use image::imageops::FilterType;
-use image::{ImageReader, Limits};
+use fast_image_resize as fir;
+use image::{DynamicImage, ImageReader, Limits};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
@@ -56,12 +56,19 @@ pub fn decode_canonical(bytes: &[u8]) -> Result<Vec<u8>, String> {
         ));
     }
     let image = image::load_from_memory(bytes).map_err(|e| e.to_string())?;
-    let rgb = image
-        .resize_to_fill(STORED_SIZE, STORED_SIZE, FilterType::Triangle)
-        .to_rgb8();
+    let rgb = DynamicImage::ImageRgb8(image.into_rgb8());
+    let mut square = fir::images::Image::new(STORED_SIZE, STORED_SIZE, fir::PixelType::U8x3);
+    // Shorter side to 256, centered crop to a square; bilinear with the
+    // filter widened when shrinking (antialiased), SIMD-accelerated.
+    let options = fir::ResizeOptions::new()
+        .resize_alg(fir::ResizeAlg::Convolution(fir::FilterType::Bilinear))
+        .fit_into_destination(None);
+    fir::Resizer::new()
+        .resize(&rgb, &mut square, &options)
+        .map_err(|e| e.to_string())?;
     let plane = (STORED_SIZE * STORED_SIZE) as usize;
     let mut chw = vec![0u8; STORED_BYTES];
-    for (i, pixel) in rgb.pixels().enumerate() {
+    for (i, pixel) in square.buffer().chunks_exact(3).enumerate() {
         chw[i] = pixel[0];
         chw[plane + i] = pixel[1];
         chw[2 * plane + i] = pixel[2];
