@@ -128,6 +128,7 @@ pub async fn predict(
     }
 
     let spec = model_spec(&state, &model)?;
+    let decoded_at = Instant::now();
     let predicted = tokio::time::timeout(
         state.predict_timeout,
         state.predictor.predict(spec, good, top_k),
@@ -147,6 +148,12 @@ pub async fn predict(
         other => ApiError::Internal(other.into()),
     })?;
 
+    tracing::debug!(
+        decode_ms = (decoded_at - started).as_secs_f64() * 1e3,
+        inference_ms = decoded_at.elapsed().as_secs_f64() * 1e3,
+        images = uploads.len(),
+        "predicted"
+    );
     let mut predicted = predicted.into_iter();
     let results = uploads
         .into_iter()

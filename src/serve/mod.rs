@@ -175,7 +175,15 @@ impl ModelCache {
                 .flat_map(|r| r.images.iter().cloned())
                 .collect();
             let max_k = group.iter().map(|r| r.top_k).max().unwrap_or(1);
-            match self.predict(&group[0].model, &images, max_k) {
+            let started = Instant::now();
+            let result = self.predict(&group[0].model, &images, max_k);
+            tracing::debug!(
+                requests = group.len(),
+                images = images.len(),
+                ms = started.elapsed().as_secs_f64() * 1e3,
+                "forward pass"
+            );
+            match result {
                 Ok(mut rows) => {
                     for request in group {
                         let rest = rows.split_off(request.images.len());
