@@ -59,7 +59,7 @@ pub struct Config {
     pub batch_window_ms: u64,
 
     /// Most images in one inference forward pass.
-    #[arg(long, env = "FINETUNED_MAX_BATCH", default_value_t = 32)]
+    #[arg(long, env = "FINETUNED_MAX_BATCH", default_value_t = 8)]
     pub max_batch: usize,
 
     /// `/predict` requests that may wait for the model; more get 503 + Retry-After.

@@ -1,4 +1,11 @@
 use clap::{Parser, Subcommand};
+
+/// jemalloc for every allocation in the process, libtorch's included: with
+/// glibc's malloc a serving process fragments its heap as batch sizes shift
+/// and grows by hundreds of MiB over minutes (measured with
+/// scripts/bench-predict).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 use finetuned::app;
 use finetuned::config::Config;
 use tracing_subscriber::EnvFilter;

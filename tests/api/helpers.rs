@@ -99,6 +99,13 @@ pub fn weights_dir() -> PathBuf {
     cache_dir().join("weights")
 }
 
+/// The python of the torch virtualenv (`scripts/env.sh` names it).
+pub fn torch_python() -> PathBuf {
+    std::env::var_os("FINETUNED_VENV")
+        .map(|venv| PathBuf::from(venv).join("bin/python"))
+        .unwrap_or_else(|| "python3".into())
+}
+
 pub fn fixtures_dir() -> PathBuf {
     cache_dir().join("fixtures")
 }

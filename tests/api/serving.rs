@@ -12,7 +12,7 @@ use finetuned::serve::{self, BatchingConfig, ModelSpec};
 use image::ImageFormat;
 use serde_json::{json, Value};
 
-use crate::helpers::{encode, ran_status, render, torch_rng, Part, TestApp};
+use crate::helpers::{encode, ran_status, render, torch_python, torch_rng, Part, TestApp};
 
 /// Trains a small model on cached features; returns (model id, dataset id).
 async fn trained_model(app: &TestApp, seed: i64) -> (String, String) {
@@ -278,7 +278,7 @@ async fn export_is_a_zip_of_weights_and_the_preprocessing_contract() {
     let reply = app.get(&format!("/models/{model}/export")).await;
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(reply.content_type, "application/zip");
-    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(reply.body)).unwrap();
+    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(reply.body.clone())).unwrap();
     let card: Value = serde_json::from_reader(zip.by_name("model.json").unwrap()).unwrap();
     assert_eq!(card["labels"], json!(["disc", "square", "stripes"]));
     assert_eq!(card["image_size"], 64);
@@ -301,6 +301,53 @@ async fn export_is_a_zip_of_weights_and_the_preprocessing_contract() {
     assert!(tensors
         .iter()
         .any(|(name, _)| name == "features.0.0.weight"));
+
+    // PyTorch loads the export and, following model.json, scores an image
+    // as /predict does.
+    let png = png(1, 42);
+    let canonical = preprocess::decode_canonical(&png).unwrap();
+    let side = preprocess::STORED_SIZE;
+    let hwc: Vec<u8> = (0..(side * side) as usize)
+        .flat_map(|i| (0..3).map(move |c| (c, i)))
+        .map(|(c, i)| canonical[c * (side * side) as usize + i])
+        .collect();
+    let canonical_png = encode(
+        &image::RgbImage::from_raw(side, side, hwc).unwrap(),
+        ImageFormat::Png,
+    );
+    let dir = std::env::temp_dir().join(format!("export-{model}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("model.zip"), &reply.body).unwrap();
+    std::fs::write(dir.join("image.png"), &canonical_png).unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/api/load_export.py");
+    let out = std::process::Command::new(torch_python())
+        .arg(script)
+        .arg(dir.join("model.zip"))
+        .arg(dir.join("image.png"))
+        .output()
+        .expect("the virtualenv's python runs (scripts/setup)");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pytorch: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let served = app
+        .post_multipart(
+            &format!("/predict?model={model}"),
+            &[Part::file("image", "x.png", png)],
+        )
+        .await;
+    for p in served.json["results"][0]["predictions"].as_array().unwrap() {
+        let ours = p["score"].as_f64().unwrap();
+        let theirs = pytorch[p["label"].as_str().unwrap()].as_f64().unwrap();
+        assert!(
+            (ours - theirs).abs() < 1e-4,
+            "{}: finetuned {ours} vs PyTorch {theirs}",
+            p["label"]
+        );
+    }
 
     app.get(&format!("/models/{model}/export?format=onnx"))
         .await
