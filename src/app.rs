@@ -13,7 +13,7 @@ use crate::api::{self, AppState};
 use crate::artifacts::Artifacts;
 use crate::config::Config;
 use crate::models;
-use crate::serve::Predictor;
+use crate::serve::{ModelSpec, Predictor};
 use crate::store::{self, EmbeddedPostgres};
 use crate::train::Worker;
 
@@ -143,6 +143,8 @@ pub async fn serve(
         }
     }
 
+    warm_up_default_model(&state);
+
     let (stop_tx, stop_rx) = watch::channel(false);
     let workers = spawn_workers(&config, &db.pool, &artifacts, &stop_rx)?;
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -162,6 +164,36 @@ pub async fn serve(
     }
     db.close().await;
     Ok(())
+}
+
+/// Loads the default deployment in the background, so the first request
+/// after a restart is not slow.
+fn warm_up_default_model(state: &AppState) {
+    let state = state.clone();
+    tokio::spawn(async move {
+        let model = match store::models::by_alias(&state.pool, store::models::DEFAULT_ALIAS).await {
+            Ok(Some(model)) => model,
+            Ok(None) => return,
+            Err(err) => {
+                tracing::warn!(error = %err, "looking up the default model failed");
+                return;
+            }
+        };
+        let result = match ModelSpec::of(&model, &state.artifacts) {
+            Ok(spec) => state
+                .predictor
+                .warm_up(spec)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(err) => Err(err.to_string()),
+        };
+        match result {
+            Ok(()) => tracing::info!(model_id = %model.id, "default model loaded"),
+            Err(err) => {
+                tracing::warn!(model_id = %model.id, error = %err, "could not load the default model")
+            }
+        }
+    });
 }
 
 /// Runs workers without the HTTP API (for extra GPU hosts).

@@ -256,15 +256,7 @@ async fn read_images(request: Request, state: &AppState) -> Result<Vec<Upload>, 
 
 /// What the inference thread needs to load a model.
 pub(super) fn model_spec(state: &AppState, model: &ModelRow) -> Result<ModelSpec, ApiError> {
-    Ok(ModelSpec {
-        id: model.id,
-        checkpoint: state.artifacts.path(&model.artifact_key),
-        backbone: model.backbone.clone(),
-        labels: model.labels.0.clone(),
-        image_size: i64::from(model.image_size),
-        normalization: serde_json::from_value(model.normalization.0.clone())
-            .map_err(|e| ApiError::Internal(e.into()))?,
-    })
+    ModelSpec::of(model, &state.artifacts).map_err(|e| ApiError::Internal(e.into()))
 }
 
 fn image_path(index: usize, filename: &Option<String>) -> String {

@@ -31,6 +31,23 @@ pub struct ModelSpec {
     pub normalization: Normalization,
 }
 
+impl ModelSpec {
+    /// The spec of a registered model, its checkpoint under `artifacts`.
+    pub fn of(
+        model: &crate::store::models::ModelRow,
+        artifacts: &crate::artifacts::Artifacts,
+    ) -> Result<Self, serde_json::Error> {
+        Ok(Self {
+            id: model.id,
+            checkpoint: artifacts.path(&model.artifact_key),
+            backbone: model.backbone.clone(),
+            labels: model.labels.0.clone(),
+            image_size: i64::from(model.image_size),
+            normalization: serde_json::from_value(model.normalization.0.clone())?,
+        })
+    }
+}
+
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Prediction {
     pub label: String,
