@@ -226,6 +226,10 @@ impl TestApp {
 
     pub async fn post_multipart(&self, path: &str, parts: &[Part]) -> Reply {
         let (content_type, body) = multipart_body(parts);
+        self.post_bytes(path, &content_type, body).await
+    }
+
+    pub async fn post_bytes(&self, path: &str, content_type: &str, body: Vec<u8>) -> Reply {
         self.send(
             Request::post(path)
                 .header(header::CONTENT_TYPE, content_type)

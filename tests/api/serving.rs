@@ -36,19 +36,26 @@ fn png(shape: usize, seed: u64) -> Vec<u8> {
     encode(&render(shape, seed, 64), ImageFormat::Png)
 }
 
-async fn predict_raw(
+/// Starts a JSON POST that runs concurrently with the test; the handle
+/// yields the response's status and `Retry-After` header.
+fn spawn_json_post(
     app: &TestApp,
-    path: &str,
-    content_type: &str,
-    body: Vec<u8>,
-) -> crate::helpers::Reply {
-    app.send(
-        Request::post(path)
-            .header(header::CONTENT_TYPE, content_type)
+    path: String,
+    body: String,
+) -> tokio::task::JoinHandle<(StatusCode, Option<header::HeaderValue>)> {
+    let router = app.router.clone();
+    tokio::spawn(async move {
+        use tower::ServiceExt;
+        let request = Request::post(path)
+            .header(header::CONTENT_TYPE, "application/json")
             .body(Body::from(body))
-            .unwrap(),
-    )
-    .await
+            .unwrap();
+        let response = router.oneshot(request).await.unwrap();
+        (
+            response.status(),
+            response.headers().get(header::RETRY_AFTER).cloned(),
+        )
+    })
 }
 
 /// Same labels in the same order, scores within 1e-5 (a forward pass over a
@@ -88,7 +95,9 @@ async fn every_input_form_gives_the_same_scores() {
             &json!({ "images": [b64(&image), b64(&other), "%%%"] }),
         )
         .await;
-    let raw = predict_raw(&app, "/predict?top_k=3", "image/png", image.clone()).await;
+    let raw = app
+        .post_bytes("/predict?top_k=3", "image/png", image.clone())
+        .await;
     for reply in [&multipart, &json_one, &json_many, &raw] {
         assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.json);
         assert_eq!(reply.json["model_id"], model.as_str());
@@ -110,7 +119,7 @@ async fn every_input_form_gives_the_same_scores() {
     assert_eq!(first(&top1).as_array().unwrap().len(), 1);
     assert_same_predictions(&json!([first(&top1)[0]]), &json!([first(&multipart)[0]]));
 
-    predict_raw(&app, "/predict", "text/plain", b"hello".to_vec())
+    app.post_bytes("/predict", "text/plain", b"hello".to_vec())
         .await
         .assert_problem(StatusCode::UNSUPPORTED_MEDIA_TYPE);
     app.post_json("/predict", &json!({ "images": [] }))
@@ -120,7 +129,7 @@ async fn every_input_form_gives_the_same_scores() {
         .await
         .assert_problem(StatusCode::UNPROCESSABLE_ENTITY);
     // Over the 4 MiB limit of the test app.
-    predict_raw(&app, "/predict", "image/png", vec![0; 5 * 1024 * 1024])
+    app.post_bytes("/predict", "image/png", vec![0; 5 * 1024 * 1024])
         .await
         .assert_problem(StatusCode::PAYLOAD_TOO_LARGE);
 }
@@ -234,23 +243,12 @@ async fn models_are_selected_by_id_alias_or_default_and_redeployed_under_load() 
 
     // Switch the default while requests are in flight: none may fail.
     let load: Vec<_> = (0..24)
-        .map(|_| {
-            let router = app.router.clone();
-            let body = body.to_string();
-            tokio::spawn(async move {
-                use tower::ServiceExt;
-                let request = Request::post("/predict")
-                    .header(header::CONTENT_TYPE, "application/json")
-                    .body(Body::from(body))
-                    .unwrap();
-                router.oneshot(request).await.unwrap().status()
-            })
-        })
+        .map(|_| spawn_json_post(&app, "/predict".into(), body.to_string()))
         .collect();
     let switched = app.post_empty(&format!("/models/{second}/deploy")).await;
     assert_eq!(switched.json["previous_model_id"], first.as_str());
     for request in load {
-        assert_eq!(request.await.unwrap(), StatusCode::OK);
+        assert_eq!(request.await.unwrap().0, StatusCode::OK);
     }
     assert_eq!(served_by(&app.post_json("/predict", &body).await), second);
     // The previous default stays available by id.
@@ -369,23 +367,7 @@ async fn a_full_queue_answers_503_with_retry_after() {
     let body =
         json!({ "image": base64::engine::general_purpose::STANDARD.encode(png(0, 1)) }).to_string();
     let requests: Vec<_> = (0..48)
-        .map(|_| {
-            let router = app.router.clone();
-            let body = body.clone();
-            let path = format!("/predict?model={model}");
-            tokio::spawn(async move {
-                use tower::ServiceExt;
-                let request = Request::post(path)
-                    .header(header::CONTENT_TYPE, "application/json")
-                    .body(Body::from(body))
-                    .unwrap();
-                let response = router.oneshot(request).await.unwrap();
-                (
-                    response.status(),
-                    response.headers().get(header::RETRY_AFTER).cloned(),
-                )
-            })
-        })
+        .map(|_| spawn_json_post(&app, format!("/predict?model={model}"), body.clone()))
         .collect();
     let mut statuses = Vec::new();
     for request in requests {
