@@ -132,6 +132,7 @@ pub async fn serve(
         artifacts: artifacts.clone(),
         predictor: Predictor::start(config.batching(device))?,
         predict_timeout: Duration::from_secs(config.predict_timeout_secs),
+        decode_permits: std::sync::Arc::new(tokio::sync::Semaphore::new(config.decode_threads())),
         weights_dir: config.weights_dir(),
         max_upload_bytes: config.max_upload_bytes,
         max_predict_bytes: config.max_predict_bytes,

@@ -58,8 +58,9 @@ pub struct Config {
     #[arg(long, env = "FINETUNED_BATCH_WINDOW_MS", default_value_t = 2)]
     pub batch_window_ms: u64,
 
-    /// Most images in one inference forward pass.
-    #[arg(long, env = "FINETUNED_MAX_BATCH", default_value_t = 8)]
+    /// Most images in one inference forward pass. 0: 1 on the CPU (measured:
+    /// batching only adds waiting there) and 16 on a GPU.
+    #[arg(long, env = "FINETUNED_MAX_BATCH", default_value_t = 0)]
     pub max_batch: usize,
 
     /// `/predict` requests that may wait for the model; more get 503 + Retry-After.
@@ -69,6 +70,11 @@ pub struct Config {
     /// Longest a `/predict` request may take, in seconds (503 after).
     #[arg(long, env = "FINETUNED_PREDICT_TIMEOUT_SECS", default_value_t = 30)]
     pub predict_timeout_secs: u64,
+
+    /// Images `/predict` decodes at once. 0: the cores libtorch's threads
+    /// leave free, at least 1.
+    #[arg(long, env = "FINETUNED_DECODE_THREADS", default_value_t = 0)]
+    pub decode_threads: usize,
 
     /// Log format: `text` or `json`.
     #[arg(long, env = "FINETUNED_LOG_FORMAT", default_value = "text")]
@@ -81,7 +87,11 @@ impl Config {
             device,
             cache_capacity: 4,
             window: std::time::Duration::from_millis(self.batch_window_ms),
-            max_batch: self.max_batch.max(1),
+            max_batch: match (self.max_batch, device) {
+                (0, tch::Device::Cpu) => 1,
+                (0, _) => 16,
+                (n, _) => n,
+            },
             queue: self.predict_queue.max(1),
         }
     }
@@ -90,6 +100,14 @@ impl Config {
         self.weights_dir
             .clone()
             .unwrap_or_else(|| self.data_dir.join("weights"))
+    }
+
+    pub fn decode_threads(&self) -> usize {
+        if self.decode_threads > 0 {
+            return self.decode_threads;
+        }
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        cores.saturating_sub(self.torch_threads()).max(1)
     }
 
     pub fn torch_threads(&self) -> usize {
@@ -121,6 +139,7 @@ impl std::fmt::Debug for Config {
             .field("max_batch", &self.max_batch)
             .field("predict_queue", &self.predict_queue)
             .field("predict_timeout_secs", &self.predict_timeout_secs)
+            .field("decode_threads", &self.decode_threads())
             .finish()
     }
 }

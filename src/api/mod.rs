@@ -32,6 +32,9 @@ pub struct AppState {
     pub max_upload_bytes: usize,
     pub max_predict_bytes: usize,
     pub predict_timeout: std::time::Duration,
+    /// Bounds the images decoded at once, so decoding does not starve
+    /// libtorch's threads of cores.
+    pub decode_permits: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 /// JSON request bodies (job configurations) are small.

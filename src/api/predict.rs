@@ -96,11 +96,13 @@ pub async fn predict(
         ));
     }
 
-    // Decode every image on the blocking pool, in parallel.
+    // Decode on the blocking pool, as many at once as there are permits.
     let decoded = join_all(uploads.iter().map(|upload| {
         let bytes = upload.bytes.clone();
+        let permits = state.decode_permits.clone();
         async move {
             let bytes = bytes?;
+            let _permit = permits.acquire_owned().await.map_err(|e| e.to_string())?;
             tokio::task::spawn_blocking(move || preprocess::decode_canonical(&bytes))
                 .await
                 .map_err(|e| e.to_string())?

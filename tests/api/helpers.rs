@@ -149,6 +149,7 @@ impl TestApp {
             artifacts: artifacts.clone(),
             predictor: Predictor::start(batching).expect("inference thread"),
             predict_timeout: Duration::from_secs(30),
+            decode_permits: std::sync::Arc::new(tokio::sync::Semaphore::new(2)),
             weights_dir: weights_dir(),
             max_upload_bytes: 64 * 1024 * 1024,
             max_predict_bytes: 4 * 1024 * 1024,
