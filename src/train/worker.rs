@@ -84,7 +84,13 @@ impl Worker {
                 Err(err) => tracing::error!(worker = %self.id, error = ?err, "worker step failed"),
             }
             tokio::select! {
-                _ = listener.recv() => {}
+                notification = listener.recv() => {
+                    if let Err(err) = notification {
+                        // The listener reconnects on its next call; do not spin meanwhile.
+                        tracing::warn!(error = %err, "job notifications interrupted");
+                        tokio::time::sleep(self.idle_poll).await;
+                    }
+                }
                 _ = tokio::time::sleep(self.idle_poll) => {}
                 _ = shutdown.changed() => {}
             }
