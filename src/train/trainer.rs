@@ -141,8 +141,7 @@ fn train_inner(
     }
 
     let first_epoch = spec.resume.as_ref().map_or(1, |r| r.epoch + 1);
-    // Each epoch draws from its own seed, so a resumed run continues the
-    // same random sequence it would have had.
+    // The new head's initial weights come from the job's seed.
     tch::manual_seed(cfg.seed);
     let mut vs = nn::VarStore::new(spec.device);
     let num_classes = spec.labels.len() as i64;
@@ -172,6 +171,8 @@ fn train_inner(
         .and_then(|r| Some((r.best_epoch?, r.best_metric?)));
     let mut since_best = 0;
     for epoch in first_epoch..=cfg.epochs {
+        // Each epoch draws from its own seed, so a resumed run continues the
+        // same random sequence it would have had.
         tch::manual_seed(cfg.seed.wrapping_mul(1_000_003).wrapping_add(epoch));
         model.set_frozen_stages(&vs, cfg.frozen_stages(epoch, stages));
         let started = Instant::now();
