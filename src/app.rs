@@ -11,14 +11,14 @@ use tokio::sync::watch;
 
 use crate::api::{self, AppState};
 use crate::artifacts::Artifacts;
+use crate::auth::Auth;
 use crate::config::Config;
 use crate::models;
 use crate::serve::{ModelSpec, Predictor};
 use crate::store::{self, EmbeddedPostgres};
+use crate::telemetry;
 use crate::train::Worker;
 
-/// A claim lives this long without a heartbeat (heartbeats come every third of it).
-const LEASE: Duration = Duration::from_secs(60);
 /// An idle worker looks at the queue at least this often, notifications aside.
 const IDLE_POLL: Duration = Duration::from_secs(5);
 
@@ -101,7 +101,8 @@ fn spawn_workers(
                 artifacts: artifacts.clone(),
                 weights_dir: config.weights_dir(),
                 device,
-                lease: LEASE,
+                // Heartbeats come every third of it.
+                lease: Duration::from_secs(config.lease_secs.max(3)),
                 idle_poll: IDLE_POLL,
             };
             tokio::spawn(worker.run(shutdown.clone()))
@@ -127,16 +128,19 @@ pub async fn serve(
     let db = Database::open(&config).await?;
     let artifacts = artifacts(&config)?;
     let device = models::parse_device(&config.device).map_err(anyhow::Error::msg)?;
+    let auth = Auth::new(db.pool.clone());
+    check_exposure(&config, &auth).await?;
     let state = AppState {
         pool: db.pool.clone(),
         artifacts: artifacts.clone(),
         predictor: Predictor::start(config.batching(device))?,
+        auth,
         predict_timeout: Duration::from_secs(config.predict_timeout_secs),
         decode_permits: std::sync::Arc::new(tokio::sync::Semaphore::new(config.decode_threads())),
         weights_dir: config.weights_dir(),
-        max_upload_bytes: config.max_upload_bytes,
-        max_predict_bytes: config.max_predict_bytes,
+        limits: config.http_limits(),
     };
+    telemetry::handle();
     for spec in models::CATALOGUE {
         if !spec.weights_path(&state.weights_dir).exists() {
             tracing::warn!(backbone = spec.name, path = %spec.weights_path(&state.weights_dir).display(),
@@ -165,6 +169,29 @@ pub async fn serve(
     }
     db.close().await;
     Ok(())
+}
+
+/// Without API keys anyone who reaches the port can use the API: allowed on
+/// loopback addresses, elsewhere only when asked for explicitly.
+async fn check_exposure(config: &Config, auth: &Auth) -> anyhow::Result<()> {
+    if auth.enabled().await? {
+        tracing::info!("API keys exist: every route but health, readiness, metrics and the contract needs a bearer key");
+        return Ok(());
+    }
+    if config.listen.ip().is_loopback() {
+        tracing::warn!(listen = %config.listen, "no API keys yet: the API is open, bound to a loopback address only; create one with `finetuned keys create --scope admin`");
+        Ok(())
+    } else if config.allow_unauthenticated {
+        tracing::warn!(listen = %config.listen, "no API keys and --allow-unauthenticated: the API is OPEN to anyone who can reach this address");
+        Ok(())
+    } else {
+        anyhow::bail!(
+            "refusing to serve without API keys on the non-loopback address {}: create a key \
+             (`finetuned keys create --scope admin`), listen on 127.0.0.1, or pass \
+             --allow-unauthenticated",
+            config.listen
+        )
+    }
 }
 
 /// Loads the default deployment in the background, so the first request

@@ -76,6 +76,37 @@ pub struct Config {
     #[arg(long, env = "FINETUNED_DECODE_THREADS", default_value_t = 0)]
     pub decode_threads: usize,
 
+    /// Serve without API keys on a non-loopback address. Without keys and
+    /// without this flag, `serve` only binds loopback addresses.
+    #[arg(long, env = "FINETUNED_ALLOW_UNAUTHENTICATED")]
+    pub allow_unauthenticated: bool,
+
+    /// Longest a JSON request may take, in seconds (503 after).
+    #[arg(long, env = "FINETUNED_REQUEST_TIMEOUT_SECS", default_value_t = 30)]
+    pub request_timeout_secs: u64,
+
+    /// Longest a dataset upload and its ingest may take, in seconds.
+    #[arg(long, env = "FINETUNED_UPLOAD_TIMEOUT_SECS", default_value_t = 3600)]
+    pub upload_timeout_secs: u64,
+
+    /// Requests handled at once; more get 503 + Retry-After at once.
+    #[arg(long, env = "FINETUNED_MAX_CONCURRENT_REQUESTS", default_value_t = 256)]
+    pub max_concurrent_requests: usize,
+
+    /// Dataset uploads ingested at once (each decodes on every core).
+    #[arg(long, env = "FINETUNED_MAX_CONCURRENT_UPLOADS", default_value_t = 2)]
+    pub max_concurrent_uploads: usize,
+
+    /// Origins allowed to call the API from a browser, comma-separated, or
+    /// `*`. Empty (the default): no CORS headers, browsers refuse.
+    #[arg(long, env = "FINETUNED_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
+
+    /// Seconds a worker's claim on a job lasts without a heartbeat; a job
+    /// whose worker vanished is resumed elsewhere after it.
+    #[arg(long, env = "FINETUNED_LEASE_SECS", default_value_t = 60)]
+    pub lease_secs: u64,
+
     /// Log format: `text` or `json`.
     #[arg(long, env = "FINETUNED_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
@@ -93,6 +124,18 @@ impl Config {
                 (n, _) => n,
             },
             queue: self.predict_queue.max(1),
+        }
+    }
+
+    pub fn http_limits(&self) -> crate::api::HttpLimits {
+        crate::api::HttpLimits {
+            max_upload_bytes: self.max_upload_bytes,
+            max_predict_bytes: self.max_predict_bytes,
+            request_timeout: std::time::Duration::from_secs(self.request_timeout_secs),
+            upload_timeout: std::time::Duration::from_secs(self.upload_timeout_secs),
+            max_concurrent_requests: self.max_concurrent_requests.max(1),
+            max_concurrent_uploads: self.max_concurrent_uploads.max(1),
+            cors_origins: self.cors_origins.clone(),
         }
     }
 
@@ -140,6 +183,13 @@ impl std::fmt::Debug for Config {
             .field("predict_queue", &self.predict_queue)
             .field("predict_timeout_secs", &self.predict_timeout_secs)
             .field("decode_threads", &self.decode_threads())
+            .field("allow_unauthenticated", &self.allow_unauthenticated)
+            .field("request_timeout_secs", &self.request_timeout_secs)
+            .field("upload_timeout_secs", &self.upload_timeout_secs)
+            .field("max_concurrent_requests", &self.max_concurrent_requests)
+            .field("max_concurrent_uploads", &self.max_concurrent_uploads)
+            .field("cors_origins", &self.cors_origins)
+            .field("lease_secs", &self.lease_secs)
             .finish()
     }
 }

@@ -28,6 +28,12 @@ pub enum ApiError {
     /// 400: the request could not be read at all.
     #[error("{0}")]
     BadRequest(String),
+    /// 401: no API key, or one that is unknown or revoked.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// 403: the API key's scope does not cover this route.
+    #[error("{0}")]
+    Forbidden(String),
     /// 404: the addressed resource does not exist.
     #[error("{0}")]
     NotFound(String),
@@ -71,6 +77,8 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::Conflict(_) => StatusCode::CONFLICT,
@@ -122,10 +130,18 @@ impl IntoResponse for ApiError {
             json,
         )
             .into_response();
-        if matches!(self, Self::Overloaded(_)) {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        let headers = response.headers_mut();
+        match self {
+            Self::Overloaded(_) => {
+                headers.insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+            }
+            Self::Unauthorized(_) => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    header::HeaderValue::from_static("Bearer"),
+                );
+            }
+            _ => {}
         }
         response
     }

@@ -3,6 +3,7 @@
 //! # Layout
 //!
 //! - [`config`]: every setting, from flags and environment variables.
+//! - [`auth`]: API keys (bearer tokens with a scope) and the middleware checking them.
 //! - [`error`]: the HTTP error type, rendered as RFC 9457 problem+json.
 //! - [`api`]: the axum router, one module per resource; never holds a tensor.
 //! - [`store`]: Postgres through sqlx (one module per table group), the job
@@ -13,17 +14,20 @@
 //! - [`models`]: the backbone catalogue, backbone networks, classifier heads.
 //! - [`train`]: job configuration, the training loop, metrics, the worker pool.
 //! - [`serve`]: the inference thread that loads checkpoints and predicts.
+//! - [`telemetry`]: Prometheus metrics and the request-counting middleware.
 //! - [`app`]: wiring: start the database, workers and HTTP server together.
 
 pub mod api;
 pub mod app;
 pub mod artifacts;
+pub mod auth;
 pub mod config;
 pub mod data;
 pub mod error;
 pub mod models;
 pub mod serve;
 pub mod store;
+pub mod telemetry;
 pub mod train;
 
 /// The message of a caught panic (libtorch errors surface as panics in tch).

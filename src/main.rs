@@ -6,8 +6,9 @@ use clap::{Parser, Subcommand};
 /// scripts/bench-predict).
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-use finetuned::app;
+use finetuned::auth::{self, Scope};
 use finetuned::config::Config;
+use finetuned::{app, store};
 use tracing_subscriber::EnvFilter;
 
 /// Transfer learning for image classification over HTTP.
@@ -26,6 +27,30 @@ enum Command {
     Worker(Config),
     /// Apply the database migrations and exit.
     Migrate(Config),
+    /// Create, list and revoke API keys.
+    Keys {
+        #[command(subcommand)]
+        action: KeyAction,
+        #[command(flatten)]
+        config: Config,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyAction {
+    /// Create a key and print its token (shown only this once).
+    Create {
+        /// `admin` (everything) or `predict` (/predict and model reads).
+        #[arg(long)]
+        scope: String,
+        /// A label to recognise the key by.
+        #[arg(long, default_value = "")]
+        name: String,
+    },
+    /// List keys (never their secrets).
+    List,
+    /// Revoke a key by id or prefix.
+    Revoke { key: String },
 }
 
 #[tokio::main]
@@ -33,6 +58,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = match &cli.command {
         Command::Serve(c) | Command::Worker(c) | Command::Migrate(c) => c.clone(),
+        Command::Keys { config, .. } => config.clone(),
     };
     init_tracing(&config.log_format);
     tracing::debug!(?config, "configuration");
@@ -45,7 +71,59 @@ async fn main() -> anyhow::Result<()> {
             db.close().await;
             Ok(())
         }
+        Command::Keys { action, config } => {
+            let db = app::Database::open(&config).await?;
+            let result = keys(&db.pool, action).await;
+            db.close().await;
+            result
+        }
     }
+}
+
+async fn keys(pool: &sqlx::PgPool, action: KeyAction) -> anyhow::Result<()> {
+    match action {
+        KeyAction::Create { scope, name } => {
+            let scope = Scope::parse(&scope).ok_or_else(|| {
+                anyhow::anyhow!("--scope must be `admin` or `predict`, not {scope:?}")
+            })?;
+            let key = auth::create_key(pool, &name, scope).await?;
+            eprintln!(
+                "created {} key {} ({}); the token below is not stored and is shown only once:",
+                scope.as_str(),
+                key.row.prefix,
+                key.row.id
+            );
+            println!("{}", key.token);
+        }
+        KeyAction::List => {
+            println!(
+                "{:<36}  {:<12}  {:<8}  {:<20}  {:<8}  name",
+                "id", "prefix", "scope", "created", "state"
+            );
+            for key in store::keys::list(pool).await? {
+                println!(
+                    "{:<36}  {:<12}  {:<8}  {:<20}  {:<8}  {}",
+                    key.id,
+                    key.prefix,
+                    key.scope,
+                    key.created_at.format("%Y-%m-%d %H:%M:%S"),
+                    if key.revoked_at.is_some() {
+                        "revoked"
+                    } else {
+                        "active"
+                    },
+                    key.name
+                );
+            }
+        }
+        KeyAction::Revoke { key } => {
+            if !store::keys::revoke(pool, &key).await? {
+                anyhow::bail!("no active key with id or prefix {key:?}");
+            }
+            eprintln!("revoked {key}; servers refuse it within seconds");
+        }
+    }
+    Ok(())
 }
 
 fn init_tracing(format: &str) {

@@ -48,7 +48,10 @@ pub async fn create(
         match field_name.as_str() {
             "file" => {
                 form.filename = field.file_name().map(str::to_string);
-                let mut file = tokio::fs::File::create(&upload.0).await.map_err(internal)?;
+                // Created here, not on a blocking thread: a request dropped
+                // mid-create would leave the file after its guard ran.
+                let file = std::fs::File::create(&upload.0).map_err(internal)?;
+                let mut file = tokio::fs::File::from_std(file);
                 let mut written = 0u64;
                 while let Some(chunk) = field.chunk().await? {
                     written += chunk.len() as u64;
@@ -89,17 +92,20 @@ pub async fn create(
     let id = Uuid::new_v4();
     let key = Artifacts::dataset_key(id);
     let dataset_dir = RemoveOnDrop(state.artifacts.path(&key));
-    let archive = upload.0.clone();
-    let out_dir = dataset_dir.0.clone();
     let options = form.options.clone();
-    let report =
-        tokio::task::spawn_blocking(move || data::ingest_zip(&archive, &out_dir, &options))
-            .await
-            .map_err(|err| ApiError::Internal(err.into()))?
-            .map_err(|err| match err {
-                DataError::Invalid { detail, errors } => ApiError::invalid(detail, errors),
-                other => ApiError::Internal(other.into()),
-            })?;
+    // The ingest owns the cleanup guards: when the request is dropped (client
+    // gone, deadline passed) they are dropped after the ingest stops writing.
+    let (report, dataset_dir) = tokio::task::spawn_blocking(move || {
+        let report = data::ingest_zip(&upload.0, &dataset_dir.0, &options);
+        drop(upload);
+        (report, dataset_dir)
+    })
+    .await
+    .map_err(|err| ApiError::Internal(err.into()))?;
+    let report = report.map_err(|err| match err {
+        DataError::Invalid { detail, errors } => ApiError::invalid(detail, errors),
+        other => ApiError::Internal(other.into()),
+    })?;
 
     let counts = |per_class: &[i64]| -> serde_json::Map<String, serde_json::Value> {
         report

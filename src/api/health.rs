@@ -10,18 +10,76 @@ use serde_json::{json, Value};
 use super::AppState;
 use crate::error::ApiError;
 use crate::models::{self, BackboneSpec};
+use crate::{store, telemetry};
 
 pub async fn healthz() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
 
-/// Ready when Postgres answers.
+/// Ready when Postgres answers, every migration is applied and the
+/// catalogue's pretrained weights are installed; the body says what is not.
 pub async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    sqlx::query("SELECT 1")
-        .execute(&state.pool)
-        .await
-        .map_err(|err| ApiError::Unavailable(format!("database unreachable: {err}")))?;
+    let applied: Vec<i64> =
+        sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
+            .fetch_all(&state.pool)
+            .await
+            .map_err(|err| ApiError::Unavailable(format!("database not ready: {err}")))?;
+    let pending: Vec<String> = store::MIGRATOR
+        .iter()
+        .filter(|m| !applied.contains(&m.version))
+        .map(|m| format!("{}_{}", m.version, m.description))
+        .collect();
+    if !pending.is_empty() {
+        return Err(ApiError::Unavailable(format!(
+            "migrations not applied yet: {}",
+            pending.join(", ")
+        )));
+    }
+    let missing: Vec<String> = models::CATALOGUE
+        .iter()
+        .map(|spec| spec.weights_path(&state.weights_dir))
+        .filter(|path| !path.exists())
+        .map(|path| path.display().to_string())
+        .collect();
+    if !missing.is_empty() {
+        return Err(ApiError::Unavailable(format!(
+            "pretrained weights missing (scripts/setup installs them): {}",
+            missing.join(", ")
+        )));
+    }
     Ok(Json(json!({ "status": "ready" })))
+}
+
+/// Prometheus text format: this process's counters and histograms, plus
+/// queue depth and live workers read from Postgres at scrape time (the same
+/// figures from every API process).
+pub async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+    let counts: Vec<(String, i64)> =
+        sqlx::query_as("SELECT status, count(*) FROM jobs GROUP BY status")
+            .fetch_all(&state.pool)
+            .await?;
+    let workers: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM workers WHERE heartbeat_at > now() - interval '1 minute'",
+    )
+    .fetch_one(&state.pool)
+    .await?;
+    let mut text = telemetry::handle().render();
+    text.push_str(&format!(
+        "# HELP {jobs} Jobs in Postgres by status\n# TYPE {jobs} gauge\n",
+        jobs = telemetry::JOBS
+    ));
+    for status in store::jobs::STATUSES {
+        let n = counts
+            .iter()
+            .find(|(s, _)| s == status)
+            .map_or(0, |(_, n)| *n);
+        text.push_str(&format!("{}{{status=\"{status}\"}} {n}\n", telemetry::JOBS));
+    }
+    text.push_str(&format!(
+        "# HELP {w} Workers with a heartbeat in the last minute\n# TYPE {w} gauge\n{w} {workers}\n",
+        w = telemetry::WORKERS_SEEN
+    ));
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text))
 }
 
 #[derive(Serialize)]

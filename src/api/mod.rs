@@ -5,22 +5,33 @@ mod events;
 mod extract;
 mod health;
 mod jobs;
+mod limits;
 mod models;
 mod predict;
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
-use axum::http::{Method, Uri};
+use axum::http::{header, HeaderName, HeaderValue, Method, Request, Uri};
+use axum::middleware::{from_fn, from_fn_with_state};
 use axum::routing::{get, post};
 use axum::Router;
 use sqlx::PgPool;
+use tokio::sync::Semaphore;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 use uuid::Uuid;
 
+pub use limits::HttpLimits;
+
 use crate::artifacts::Artifacts;
+use crate::auth::{self, Auth};
 use crate::error::ApiError;
 use crate::serve::Predictor;
+use crate::telemetry;
 
 /// What every handler can reach. Cheap to clone.
 #[derive(Clone)]
@@ -28,26 +39,41 @@ pub struct AppState {
     pub pool: PgPool,
     pub artifacts: Artifacts,
     pub predictor: Predictor,
+    pub auth: Auth,
     pub weights_dir: PathBuf,
-    pub max_upload_bytes: usize,
-    pub max_predict_bytes: usize,
-    pub predict_timeout: std::time::Duration,
+    pub limits: HttpLimits,
+    pub predict_timeout: Duration,
     /// Bounds the images decoded at once, so decoding does not starve
     /// libtorch's threads of cores.
-    pub decode_permits: std::sync::Arc<tokio::sync::Semaphore>,
+    pub decode_permits: Arc<Semaphore>,
 }
 
 /// JSON request bodies (job configurations) are small.
 const MAX_JSON_BYTES: usize = 1024 * 1024;
 
 pub fn router(state: AppState) -> Router {
+    telemetry::handle();
+    let limits = state.limits.clone();
     let uploads = Router::new()
         .route("/datasets", post(datasets::create).get(datasets::list))
-        .layer(DefaultBodyLimit::max(state.max_upload_bytes));
+        .layer(DefaultBodyLimit::max(limits.max_upload_bytes))
+        .layer(from_fn_with_state(limits.upload_timeout, limits::deadline))
+        .layer(from_fn_with_state(
+            (
+                Arc::new(Semaphore::new(limits.max_concurrent_uploads)),
+                "dataset uploads",
+            ),
+            limits::concurrency,
+        ));
+    // `/predict` has its own deadline for the model; this one bounds reading.
     let predictions = Router::new()
         .route("/predict", post(predict::predict))
-        .layer(DefaultBodyLimit::max(state.max_predict_bytes));
-    Router::new()
+        .layer(DefaultBodyLimit::max(limits.max_predict_bytes))
+        .layer(from_fn_with_state(
+            limits.request_timeout + state.predict_timeout,
+            limits::deadline,
+        ));
+    let router = Router::new()
         .route("/datasets/{id}", get(datasets::get))
         .route("/jobs", post(jobs::create).get(jobs::list))
         .route("/jobs/{id}", get(jobs::get))
@@ -61,14 +87,69 @@ pub fn router(state: AppState) -> Router {
         .route("/backbones", get(health::backbones))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
+        .route("/metrics", get(health::metrics))
         .route("/openapi.yaml", get(health::openapi))
         .layer(DefaultBodyLimit::max(MAX_JSON_BYTES))
+        .layer(from_fn_with_state(limits.request_timeout, limits::deadline))
         .merge(uploads)
         .merge(predictions)
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
-        .layer(TraceLayer::new_for_http())
+        .layer(from_fn_with_state(state.auth.clone(), auth::require_key))
+        .layer(from_fn_with_state(
+            (
+                Arc::new(Semaphore::new(limits.max_concurrent_requests)),
+                "requests",
+            ),
+            limits::concurrency,
+        ))
+        .layer(from_fn(telemetry::track_http));
+    with_cors(router, &limits.cors_origins)
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID.clone()))
+        .layer(TraceLayer::new_for_http().make_span_with(request_span))
+        .layer(SetRequestIdLayer::new(REQUEST_ID.clone(), MakeRequestUuid))
         .with_state(state)
+}
+
+static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Every log line of a request carries its id (the client's `x-request-id`
+/// or a fresh UUID, echoed in the response).
+fn request_span<B>(request: &Request<B>) -> tracing::Span {
+    let id = request
+        .headers()
+        .get(&REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    tracing::info_span!("request", method = %request.method(), path = %request.uri().path(), request_id = %id)
+}
+
+/// CORS only when origins are configured: browsers refuse cross-origin
+/// calls otherwise.
+fn with_cors(router: Router<AppState>, origins: &[String]) -> Router<AppState> {
+    if origins.is_empty() {
+        return router;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(
+            origins
+                .iter()
+                .filter_map(|o| HeaderValue::from_str(o.trim()).ok()),
+        )
+    };
+    router.layer(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::POST, Method::DELETE])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                HeaderName::from_static("idempotency-key"),
+            ])
+            .expose_headers([REQUEST_ID.clone(), header::RETRY_AFTER]),
+    )
 }
 
 async fn no_route(method: Method, uri: Uri) -> ApiError {

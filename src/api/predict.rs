@@ -18,6 +18,7 @@ use crate::data::preprocess;
 use crate::error::{ApiError, FieldError};
 use crate::serve::{ModelSpec, Prediction, ServeError};
 use crate::store::models::{self, ModelRow, DEFAULT_ALIAS};
+use crate::telemetry;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -173,6 +174,7 @@ pub async fn predict(
             },
         })
         .collect();
+    metrics::histogram!(telemetry::PREDICT_SECONDS).record(started.elapsed().as_secs_f64());
     Ok(Json(PredictResponse {
         model_id: model.id,
         results,

@@ -19,6 +19,7 @@ use uuid::Uuid;
 
 use crate::data::preprocess::{self, Normalization};
 use crate::models::{self, Classifier};
+use crate::telemetry;
 
 /// Everything needed to load a model's checkpoint.
 #[derive(Debug, Clone)]
@@ -192,6 +193,8 @@ impl ModelCache {
                 .flat_map(|r| r.images.iter().cloned())
                 .collect();
             let max_k = group.iter().map(|r| r.top_k).max().unwrap_or(1);
+            metrics::histogram!(telemetry::PREDICT_BATCH_SIZE).record(images.len() as f64);
+            metrics::counter!(telemetry::PREDICT_IMAGES).increment(images.len() as u64);
             let started = Instant::now();
             let result = self.predict(&group[0].model, &images, max_k);
             tracing::debug!(
@@ -269,7 +272,9 @@ impl ModelCache {
         if let Some(pos) = self.entries.iter().position(|(id, _)| *id == spec.id) {
             let entry = self.entries.remove(pos);
             self.entries.push(entry);
+            metrics::counter!(telemetry::MODEL_CACHE, "result" => "hit").increment(1);
         } else {
+            metrics::counter!(telemetry::MODEL_CACHE, "result" => "load").increment(1);
             let started = Instant::now();
             let loaded = load(spec, self.device).map_err(|reason| ServeError::Load {
                 id: spec.id,

@@ -35,6 +35,9 @@ pub struct JobRow {
     pub model_id: Option<Uuid>,
 }
 
+/// Every status a job can have.
+pub const STATUSES: [&str; 5] = ["queued", "running", "succeeded", "failed", "cancelled"];
+
 /// Statuses a job never leaves.
 pub const TERMINAL: [&str; 3] = ["succeeded", "failed", "cancelled"];
 
@@ -165,7 +168,8 @@ pub async fn heartbeat(
     lease_secs: f64,
 ) -> sqlx::Result<bool> {
     let renewed = sqlx::query(
-        "UPDATE jobs SET lease_expires_at = now() + make_interval(secs => $3), updated_at = now()
+        "WITH seen AS (UPDATE workers SET heartbeat_at = now() WHERE id = $2)
+         UPDATE jobs SET lease_expires_at = now() + make_interval(secs => $3), updated_at = now()
          WHERE id = $1 AND lease_owner = $2 AND status = 'running'",
     )
     .bind(id)
@@ -249,6 +253,15 @@ pub async fn upsert_worker(pool: &PgPool, id: &str, host: &str, device: &str) ->
     .bind(device)
     .execute(pool)
     .await?;
+    Ok(())
+}
+
+/// Records that an idle worker is alive.
+pub async fn worker_seen(pool: &PgPool, id: &str) -> sqlx::Result<()> {
+    sqlx::query("UPDATE workers SET heartbeat_at = now() WHERE id = $1")
+        .bind(id)
+        .execute(pool)
+        .await?;
     Ok(())
 }
 

@@ -6,6 +6,7 @@
 pub mod datasets;
 pub mod embedded;
 pub mod jobs;
+pub mod keys;
 pub mod metrics;
 pub mod models;
 
@@ -31,7 +32,10 @@ pub async fn connect(url: &str) -> anyhow::Result<PgPool> {
     Ok(pool)
 }
 
+/// The migrations in `migrations/`, built into the binary.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
-    sqlx::migrate!("./migrations").run(pool).await?;
+    MIGRATOR.run(pool).await?;
     Ok(())
 }

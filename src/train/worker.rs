@@ -25,7 +25,8 @@ use super::trainer::{
 use crate::artifacts::Artifacts;
 use crate::data::preprocess::Normalization;
 use crate::models;
-use crate::store::{self, datasets, jobs, metrics};
+use crate::store::{self, datasets, jobs};
+use crate::telemetry;
 
 /// File name of the labels and preprocessing facts beside the checkpoint.
 pub const MODEL_CARD_FILE: &str = "model.json";
@@ -78,6 +79,9 @@ impl Worker {
         listener.listen(store::JOBS_CHANNEL).await?;
         tracing::info!(worker = %self.id, device = %models::device_name(self.device), "worker started");
         while !*shutdown.borrow() {
+            if let Err(err) = jobs::worker_seen(&self.pool, &self.id).await {
+                tracing::warn!(error = %err, "recording the worker's heartbeat failed");
+            }
             match self.try_execute_one(Some(&shutdown)).await {
                 Ok(Outcome::Ran { .. }) => continue,
                 Ok(Outcome::Idle) => {}
@@ -114,6 +118,7 @@ impl Worker {
         let Some(job) = jobs::claim(&self.pool, &self.id, self.lease.as_secs_f64()).await? else {
             return Ok(Outcome::Idle);
         };
+        metrics::counter!(telemetry::JOBS_STARTED).increment(1);
         let span = tracing::info_span!("job", job_id = %job.id, attempt = job.attempts);
         self.run_claimed(job, shutdown).instrument(span).await
     }
@@ -136,6 +141,7 @@ impl Worker {
             Err(err) => Err(RunError::Failed(format!("{err:#}"))),
         };
         let status = self.conclude(&job, run_id, result).await?;
+        metrics::counter!(telemetry::JOBS_ENDED, "status" => status).increment(1);
         tracing::info!(status, "job ended");
         Ok(Outcome::Ran {
             job_id: job.id,
@@ -232,6 +238,7 @@ impl Worker {
                     Some(Message::Done(Err(err))) => return Err(RunError::Failed(err.to_string())),
                 },
                 _ = heartbeat.tick() => {
+                    metrics::counter!(telemetry::WORKER_HEARTBEATS, "worker" => self.id.clone()).increment(1);
                     match jobs::heartbeat(&self.pool, job.id, &self.id, self.lease.as_secs_f64()).await {
                         Ok(true) => {}
                         Ok(false) => request_stop(StopReason::LeaseLost, &mut stopped),
@@ -275,18 +282,24 @@ impl Worker {
                 jobs::set_progress(&self.pool, job.id, &self.id, &progress).await
             }
             TrainEvent::Epoch(m) => {
+                metrics::gauge!(telemetry::TRAIN_IMAGES_PER_SECOND, "worker" => self.id.clone())
+                    .set(m.images_per_second);
+                metrics::histogram!(telemetry::EPOCH_SECONDS, "worker" => self.id.clone())
+                    .record(m.seconds);
                 tracing::info!(
                     epoch = m.epoch,
                     val_accuracy = m.val_accuracy,
                     train_loss = m.train_loss,
                     "epoch done"
                 );
-                metrics::record_epoch(&self.pool, job.id, run_id, &m).await
+                store::metrics::record_epoch(&self.pool, job.id, run_id, &m).await
             }
             TrainEvent::NewBest { epoch, metric } => {
                 let key = format!("{}/{BEST_CHECKPOINT}", Artifacts::job_key(job.id));
-                metrics::record_best_checkpoint(&self.pool, job.id, run_id, epoch, &key, metric)
-                    .await
+                store::metrics::record_best_checkpoint(
+                    &self.pool, job.id, run_id, epoch, &key, metric,
+                )
+                .await
             }
             TrainEvent::EarlyStopped { epoch } => {
                 tracing::info!(
@@ -309,7 +322,7 @@ impl Worker {
         let mut tx = self.pool.begin().await?;
         let status = match result {
             Ok(Finished { summary, card }) => {
-                let best = metrics::epoch(&self.pool, job.id, summary.best_epoch)
+                let best = store::metrics::epoch(&self.pool, job.id, summary.best_epoch)
                     .await?
                     .context("the best epoch's metrics are missing")?;
                 let key = format!("{}/{BEST_CHECKPOINT}", Artifacts::job_key(job.id));

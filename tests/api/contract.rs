@@ -79,3 +79,45 @@ async fn health_readiness_and_catalogue() {
         .unwrap()
         .starts_with("openapi: 3.1.0"));
 }
+
+/// The routes `src/api/mod.rs` declares, as (METHOD, path) pairs, read from
+/// its `.route("path", get(..).post(..))` calls.
+fn declared_routes() -> std::collections::BTreeSet<(String, String)> {
+    let source = include_str!("../../src/api/mod.rs");
+    let mut routes = std::collections::BTreeSet::new();
+    for call in source.split(".route(\"").skip(1) {
+        let (path, rest) = call.split_once('"').unwrap();
+        let call = &rest[..rest.find("))").map_or(rest.len(), |i| i + 2)];
+        for method in ["get", "post", "put", "patch", "delete"] {
+            let direct =
+                call.contains(&format!(" {method}(")) || call.contains(&format!(", {method}("));
+            if direct || call.contains(&format!(".{method}(")) {
+                routes.insert((method.to_uppercase(), path.to_string()));
+            }
+        }
+    }
+    routes
+}
+
+#[test]
+fn the_router_and_the_contract_list_the_same_operations() {
+    let spec: serde_yaml::Value =
+        serde_yaml::from_str(include_str!("../../openapi.yaml")).expect("openapi.yaml parses");
+    let mut documented = std::collections::BTreeSet::new();
+    for (path, operations) in spec["paths"].as_mapping().unwrap() {
+        for (method, _) in operations.as_mapping().unwrap() {
+            let method = method.as_str().unwrap();
+            if ["get", "post", "put", "patch", "delete"].contains(&method) {
+                documented.insert((method.to_uppercase(), path.as_str().unwrap().to_string()));
+            }
+        }
+    }
+    let routed = declared_routes();
+    assert!(routed.len() >= 15, "parsed only {routed:?}");
+    let undocumented: Vec<_> = routed.difference(&documented).collect();
+    let unrouted: Vec<_> = documented.difference(&routed).collect();
+    assert!(
+        undocumented.is_empty() && unrouted.is_empty(),
+        "routed but not in openapi.yaml: {undocumented:?}; in openapi.yaml but not routed: {unrouted:?}"
+    );
+}

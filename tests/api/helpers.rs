@@ -11,8 +11,9 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
 use axum::Router;
-use finetuned::api::{self, AppState};
+use finetuned::api::{self, AppState, HttpLimits};
 use finetuned::artifacts::Artifacts;
+use finetuned::auth::Auth;
 use finetuned::serve::{BatchingConfig, Predictor};
 use finetuned::store::{self, EmbeddedPostgres};
 use finetuned::train::{Outcome, Worker};
@@ -140,20 +141,33 @@ impl TestApp {
 
     /// An app whose inference thread batches and queues as told.
     pub async fn spawn_with(batching: BatchingConfig) -> Self {
+        Self::spawn_custom(batching, |_| {}).await
+    }
+
+    /// An app whose state the caller adjusts before the router is built.
+    pub async fn spawn_custom(
+        batching: BatchingConfig,
+        adjust: impl FnOnce(&mut AppState),
+    ) -> Self {
         let pool = fresh_database().await;
         let dir = std::env::temp_dir().join(format!("finetuned-test-{}", Uuid::new_v4().simple()));
         let artifacts = Artifacts::open(dir.join("artifacts")).expect("artifacts dir");
         tch::set_num_threads(1);
-        let state = AppState {
+        let mut state = AppState {
             pool: pool.clone(),
             artifacts: artifacts.clone(),
             predictor: Predictor::start(batching).expect("inference thread"),
+            auth: Auth::new(pool.clone()),
             predict_timeout: Duration::from_secs(30),
             decode_permits: std::sync::Arc::new(tokio::sync::Semaphore::new(2)),
             weights_dir: weights_dir(),
-            max_upload_bytes: 64 * 1024 * 1024,
-            max_predict_bytes: 4 * 1024 * 1024,
+            limits: HttpLimits {
+                max_upload_bytes: 64 * 1024 * 1024,
+                max_predict_bytes: 4 * 1024 * 1024,
+                ..HttpLimits::default()
+            },
         };
+        adjust(&mut state);
         let worker = Worker {
             id: format!("test-worker-{}", Uuid::new_v4().simple()),
             pool: pool.clone(),
@@ -189,6 +203,7 @@ impl TestApp {
             .headers()
             .get(header::LOCATION)
             .map(|v| v.to_str().unwrap().to_string());
+        let headers = response.headers().clone();
         let bytes = response
             .into_body()
             .collect()
@@ -200,6 +215,7 @@ impl TestApp {
             status,
             content_type,
             location,
+            headers,
             json,
             body: bytes.to_vec(),
         }
@@ -292,6 +308,7 @@ pub struct Reply {
     pub status: StatusCode,
     pub content_type: String,
     pub location: Option<String>,
+    pub headers: axum::http::HeaderMap,
     pub json: Value,
     pub body: Vec<u8>,
 }

@@ -7,6 +7,7 @@ mod freezing;
 mod helpers;
 mod jobs;
 mod lifecycle;
+mod operations;
 mod pretrained;
 mod serving;
 mod training;
