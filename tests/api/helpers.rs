@@ -26,11 +26,25 @@ use sqlx::{ConnectOptions, PgPool};
 use tower::ServiceExt;
 use uuid::Uuid;
 
+/// The URL of database `name` on the tests' server.
+pub fn database_url(name: &str) -> String {
+    server();
+    let base = SERVER_URL.get().expect("server started");
+    // postgres://user@host:port/<database>?params
+    let (head, tail) = base.split_at(base.find("://").unwrap() + 3);
+    let slash = tail.find('/').map_or(tail.len(), |i| i);
+    let query = tail.find('?').map_or("", |i| &tail[i..]);
+    format!("{head}{}/{name}{query}", &tail[..slash])
+}
+
+static SERVER_URL: OnceLock<String> = OnceLock::new();
+
 /// The admin connection of the server tests create their databases in.
 fn server() -> &'static PgConnectOptions {
     static SERVER: OnceLock<PgConnectOptions> = OnceLock::new();
     SERVER.get_or_init(|| {
         if let Ok(url) = std::env::var("DATABASE_URL") {
+            SERVER_URL.set(url.clone()).ok();
             return PgConnectOptions::from_str(&url).expect("DATABASE_URL parses");
         }
         // Short, fixed path: a Unix socket path must be short, and a later
@@ -38,6 +52,7 @@ fn server() -> &'static PgConnectOptions {
         let dir = std::env::temp_dir().join("finetuned-test-pg");
         let pg = EmbeddedPostgres::start(&dir, None).expect("embedded Postgres starts");
         let url = pg.url();
+        SERVER_URL.set(url.clone()).ok();
         let pg: &'static EmbeddedPostgres = Box::leak(Box::new(pg));
         STOP_AT_EXIT.set(pg).ok();
         unsafe { libc::atexit(stop_cluster) };
@@ -53,8 +68,8 @@ extern "C" fn stop_cluster() {
     }
 }
 
-/// A fresh, migrated database of its own.
-pub async fn fresh_database() -> PgPool {
+/// A fresh, migrated database and its name.
+pub async fn fresh_named_database() -> (PgPool, String) {
     let admin = server().clone();
     let name = format!("test_{}", Uuid::new_v4().simple());
     let mut conn = admin.connect().await.expect("admin connection");
@@ -69,7 +84,7 @@ pub async fn fresh_database() -> PgPool {
         .await
         .expect("test database connects");
     store::migrate(&pool).await.expect("migrations apply");
-    pool
+    (pool, name)
 }
 
 /// libtorch's random generator is one per process: tests that draw from it
@@ -124,6 +139,7 @@ pub struct TestApp {
     pub pool: PgPool,
     pub artifacts: Artifacts,
     pub worker: Worker,
+    database: String,
     dir: PathBuf,
 }
 
@@ -149,7 +165,7 @@ impl TestApp {
         batching: BatchingConfig,
         adjust: impl FnOnce(&mut AppState),
     ) -> Self {
-        let pool = fresh_database().await;
+        let (pool, database) = fresh_named_database().await;
         let dir = std::env::temp_dir().join(format!("finetuned-test-{}", Uuid::new_v4().simple()));
         let artifacts = Artifacts::open(dir.join("artifacts")).expect("artifacts dir");
         tch::set_num_threads(1);
@@ -182,8 +198,19 @@ impl TestApp {
             pool,
             artifacts,
             worker,
+            database,
             dir,
         }
+    }
+
+    /// The URL of this test's database, for processes the test starts.
+    pub fn database_url(&self) -> String {
+        database_url(&self.database)
+    }
+
+    /// The data directory whose `artifacts/` this app stores into.
+    pub fn data_dir(&self) -> &std::path::Path {
+        &self.dir
     }
 
     pub async fn send(&self, request: Request<Body>) -> Reply {

@@ -9,5 +9,6 @@ mod jobs;
 mod lifecycle;
 mod operations;
 mod pretrained;
+mod processes;
 mod serving;
 mod training;
