@@ -80,7 +80,14 @@ pub fn worker_devices(config: &Config) -> anyhow::Result<Vec<Device>> {
 }
 
 fn artifacts(config: &Config) -> anyhow::Result<Artifacts> {
-    Artifacts::open(config.data_dir.join("artifacts")).context("opening the artifacts directory")
+    let root = config.data_dir.join("artifacts");
+    match &config.artifact_url {
+        None => Artifacts::open(root).context("opening the artifacts directory"),
+        Some(url) => {
+            tracing::info!(%url, "artifacts published to an object store, cached locally");
+            Artifacts::open_with_remote(root, url).context("opening the artifact store")
+        }
+    }
 }
 
 fn spawn_workers(
@@ -207,6 +214,10 @@ fn warm_up_default_model(state: &AppState) {
                 return;
             }
         };
+        if let Err(err) = state.artifacts.fetch_final(&model.artifact_key).await {
+            tracing::warn!(model_id = %model.id, error = %err, "could not fetch the default model");
+            return;
+        }
         let result = match ModelSpec::of(&model, &state.artifacts) {
             Ok(spec) => state
                 .predictor

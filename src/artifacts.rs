@@ -1,31 +1,85 @@
 //! Where the bytes live: uploaded archives, decoded datasets, checkpoints.
 //!
-//! A local directory today. Rows in Postgres store keys relative to the root
-//! (`datasets/<id>`), so a remote object store can take its place later.
+//! Every process works on files in a local directory (libtorch reads and
+//! writes paths). With an artifact URL (`s3://bucket/prefix`, or `file://`
+//! for a shared mount) that directory is a cache of an object store, reached
+//! through the `object_store` crate: finished datasets and every saved
+//! checkpoint are published to it, and a process that lacks a file fetches
+//! it before use. Without one, the local directory is the store and
+//! publishing and fetching do nothing. Rows in Postgres hold keys relative
+//! to the root (`datasets/<id>/…`), valid in both.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use futures_util::StreamExt;
+use object_store::buffered::BufWriter;
+use object_store::path::Path as ObjectPath;
+use object_store::ObjectStore;
+use tokio::io::AsyncWriteExt;
 use uuid::Uuid;
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Artifacts {
     root: PathBuf,
+    remote: Option<Arc<dyn ObjectStore>>,
+}
+
+impl std::fmt::Debug for Artifacts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Artifacts")
+            .field("root", &self.root)
+            .field("remote", &self.remote.as_ref().map(|r| r.to_string()))
+            .finish()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ArtifactError {
+    #[error("artifact store: {0}")]
+    Store(#[from] object_store::Error),
+    #[error("artifact file: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("unsupported artifact URL {0:?}: use s3://bucket[/prefix] or file:///directory")]
+    Url(String),
 }
 
 impl Artifacts {
+    /// A local directory only.
     pub fn open(root: impl Into<PathBuf>) -> std::io::Result<Self> {
         let root = root.into();
         std::fs::create_dir_all(root.join("tmp"))?;
         std::fs::create_dir_all(root.join("datasets"))?;
         std::fs::create_dir_all(root.join("jobs"))?;
-        Ok(Self { root })
+        Ok(Self { root, remote: None })
+    }
+
+    /// A local cache directory in front of the object store at `url`.
+    /// S3 settings come from the usual `AWS_*` environment variables
+    /// (`AWS_ENDPOINT` for MinIO and other S3-compatible stores).
+    pub fn open_with_remote(root: impl Into<PathBuf>, url: &str) -> Result<Self, ArtifactError> {
+        let remote: Arc<dyn ObjectStore> = if let Some(dir) = url.strip_prefix("file://") {
+            std::fs::create_dir_all(dir)?;
+            Arc::new(object_store::local::LocalFileSystem::new_with_prefix(dir)?)
+        } else if url.starts_with("s3://") {
+            Arc::new(
+                object_store::aws::AmazonS3Builder::from_env()
+                    .with_url(url)
+                    .build()?,
+            )
+        } else {
+            return Err(ArtifactError::Url(url.to_string()));
+        };
+        let mut artifacts = Self::open(root)?;
+        artifacts.remote = Some(remote);
+        Ok(artifacts)
     }
 
     pub fn root(&self) -> &Path {
         &self.root
     }
 
-    /// Resolves a key stored in the database to a path.
+    /// Resolves a key stored in the database to a local path.
     pub fn path(&self, key: &str) -> PathBuf {
         self.root.join(key)
     }
@@ -43,5 +97,132 @@ impl Artifacts {
         self.root
             .join("tmp")
             .join(format!("{}{suffix}", Uuid::new_v4()))
+    }
+
+    /// Uploads one local file under its key (streamed, multipart when large).
+    pub async fn publish(&self, key: &str) -> Result<(), ArtifactError> {
+        let Some(remote) = &self.remote else {
+            return Ok(());
+        };
+        let mut file = tokio::fs::File::open(self.path(key)).await?;
+        let mut writer = BufWriter::new(remote.clone(), ObjectPath::from(key));
+        tokio::io::copy(&mut file, &mut writer).await?;
+        writer.shutdown().await?;
+        Ok(())
+    }
+
+    /// Like [`Self::publish`], for a file that a newer one may already have
+    /// replaced and removed (old epoch checkpoints): a missing file is skipped.
+    pub async fn publish_if_present(&self, key: &str) -> Result<(), ArtifactError> {
+        match self.publish(key).await {
+            Err(ArtifactError::Io(err)) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Uploads every file under a local key directory.
+    pub async fn publish_dir(&self, key: &str) -> Result<(), ArtifactError> {
+        if self.remote.is_none() {
+            return Ok(());
+        }
+        let mut pending = vec![self.path(key)];
+        while let Some(dir) = pending.pop() {
+            let mut entries = tokio::fs::read_dir(&dir).await?;
+            while let Some(entry) = entries.next_entry().await? {
+                if entry.file_type().await?.is_dir() {
+                    pending.push(entry.path());
+                } else if let Ok(relative) = entry.path().strip_prefix(&self.root) {
+                    self.publish(&relative.to_string_lossy()).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes a key from the store (the local copy is the caller's).
+    pub async fn unpublish(&self, key: &str) -> Result<(), ArtifactError> {
+        match &self.remote {
+            Some(remote) => match remote.delete(&ObjectPath::from(key)).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                Err(err) => Err(err.into()),
+            },
+            None => Ok(()),
+        }
+    }
+
+    /// Makes sure every object under `key` (a file or a directory) is in the
+    /// local cache, downloading what is missing. Returns the local path.
+    pub async fn fetch(&self, key: &str) -> Result<PathBuf, ArtifactError> {
+        let local = self.path(key);
+        let Some(remote) = &self.remote else {
+            return Ok(local);
+        };
+        let prefix = ObjectPath::from(key);
+        let mut listing = remote.list(Some(&prefix));
+        let mut objects = Vec::new();
+        while let Some(meta) = listing.next().await {
+            objects.push(meta?);
+        }
+        if objects.is_empty() {
+            // `list` covers what lies under a directory key; a file key is
+            // fetched by name.
+            if let Ok(meta) = remote.head(&prefix).await {
+                objects.push(meta);
+            }
+        }
+        for meta in objects {
+            let path = self.path(meta.location.as_ref());
+            // Same size is not enough: a checkpoint rewritten elsewhere keeps
+            // its size. Ours is current only if written after the object.
+            let up_to_date = tokio::fs::metadata(&path).await.is_ok_and(|m| {
+                let written = m.modified().map(chrono::DateTime::<chrono::Utc>::from);
+                m.len() == meta.size && written.is_ok_and(|w| w >= meta.last_modified)
+            });
+            if !up_to_date {
+                self.download(remote.as_ref(), &meta.location, &path)
+                    .await?;
+            }
+        }
+        Ok(local)
+    }
+
+    /// Like [`Self::fetch`] for artifacts that never change once written
+    /// (a finished model's checkpoint): asks the store only when there is
+    /// no local copy.
+    pub async fn fetch_final(&self, key: &str) -> Result<PathBuf, ArtifactError> {
+        let local = self.path(key);
+        if self.remote.is_none() || tokio::fs::try_exists(&local).await.unwrap_or(false) {
+            return Ok(local);
+        }
+        self.fetch(key).await
+    }
+
+    /// Streams one object to a temporary file and renames it into place, so
+    /// a reader never sees half a file.
+    async fn download(
+        &self,
+        remote: &dyn ObjectStore,
+        location: &ObjectPath,
+        path: &Path,
+    ) -> Result<(), ArtifactError> {
+        if let Some(parent) = path.parent() {
+            tokio::fs::create_dir_all(parent).await?;
+        }
+        let partial = self.temp_file(".download");
+        let mut file = tokio::fs::File::create(&partial).await?;
+        let mut stream = remote.get(location).await?.into_stream();
+        let result = async {
+            while let Some(chunk) = stream.next().await {
+                file.write_all(&chunk?).await?;
+            }
+            file.flush().await?;
+            tokio::fs::rename(&partial, path).await?;
+            Ok::<(), ArtifactError>(())
+        }
+        .await;
+        if result.is_err() {
+            let _ = tokio::fs::remove_file(&partial).await;
+        }
+        result
     }
 }

@@ -26,6 +26,13 @@ pub struct Config {
     #[arg(long, env = "FINETUNED_WEIGHTS_DIR")]
     pub weights_dir: Option<PathBuf>,
 
+    /// Object store shared by every host (`s3://bucket/prefix`, or
+    /// `file:///mnt/shared` for a shared mount); `<data-dir>/artifacts` then
+    /// caches it. S3 settings come from `AWS_*` variables (`AWS_ENDPOINT`
+    /// for MinIO). Unset: `<data-dir>/artifacts` is the store.
+    #[arg(long, env = "FINETUNED_ARTIFACT_URL")]
+    pub artifact_url: Option<String>,
+
     /// Directory of the Postgres server binaries (initdb, pg_ctl) for the
     /// embedded cluster. Found on PATH or under /usr/lib/postgresql when unset.
     #[arg(long, env = "FINETUNED_PG_BIN_DIR")]
@@ -173,6 +180,7 @@ impl std::fmt::Debug for Config {
                 &self.database_url.as_ref().map(|_| "<redacted>"),
             )
             .field("weights_dir", &self.weights_dir())
+            .field("artifact_url", &self.artifact_url)
             .field("workers", &self.workers)
             .field("device", &self.device)
             .field("torch_threads", &self.torch_threads())

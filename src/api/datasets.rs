@@ -121,6 +121,11 @@ pub async fn create(
             .filename
             .map(|f| f.trim_end_matches(".zip").to_string()))
         .unwrap_or_else(|| format!("dataset-{id}"));
+    state
+        .artifacts
+        .publish_dir(&key)
+        .await
+        .map_err(|err| ApiError::Internal(err.into()))?;
     let row = store::insert(&state.pool, NewDataset {
         id,
         name: &name,

@@ -96,7 +96,7 @@ pub async fn deploy(
     // Load and warm the model before it takes traffic.
     state
         .predictor
-        .warm_up(model_spec(&state, &model)?)
+        .warm_up(model_spec(&state, &model).await?)
         .await
         .map_err(|err| ApiError::Internal(err.into()))?;
     let previous_model_id = store::deploy(&state.pool, model.id, &alias).await?;
@@ -150,7 +150,11 @@ pub async fn export(
         "weights": "weights.safetensors: the backbone under torchvision's names (features.*), the head as head.weight [classes, features] and head.bias",
         "metrics": model.metrics.0,
     });
-    let checkpoint = state.artifacts.path(&model.artifact_key);
+    let checkpoint = state
+        .artifacts
+        .fetch_final(&model.artifact_key)
+        .await
+        .map_err(|e| ApiError::Internal(e.into()))?;
     let archive = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
         let weights = std::fs::read(checkpoint)?;
         let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));

@@ -130,7 +130,7 @@ pub async fn predict(
         return Err(ApiError::invalid("no image could be decoded", errors));
     }
 
-    let spec = model_spec(&state, &model)?;
+    let spec = model_spec(&state, &model).await?;
     let decoded_at = Instant::now();
     let predicted = tokio::time::timeout(
         state.predict_timeout,
@@ -259,7 +259,12 @@ async fn read_images(request: Request, state: &AppState) -> Result<Vec<Upload>, 
 }
 
 /// What the inference thread needs to load a model.
-pub(super) fn model_spec(state: &AppState, model: &ModelRow) -> Result<ModelSpec, ApiError> {
+pub(super) async fn model_spec(state: &AppState, model: &ModelRow) -> Result<ModelSpec, ApiError> {
+    state
+        .artifacts
+        .fetch_final(&model.artifact_key)
+        .await
+        .map_err(|e| ApiError::Internal(e.into()))?;
     ModelSpec::of(model, &state.artifacts).map_err(|e| ApiError::Internal(e.into()))
 }
 

@@ -156,7 +156,9 @@ impl Worker {
             .await?
             .context("the job's dataset no longer exists")?;
         let backbone = models::find(&config.backbone).context("unknown backbone")?;
-        let job_dir = self.artifacts.path(&Artifacts::job_key(job.id));
+        // Another host may have run earlier attempts, or ingested the data.
+        let job_dir = self.artifacts.fetch(&Artifacts::job_key(job.id)).await?;
+        self.artifacts.fetch(&dataset.artifact_key).await?;
         // An earlier attempt's recorded epoch, if its weights were kept.
         let resume = (job.epoch > 0
             && trainer::epoch_checkpoint(&job_dir, job.epoch.into()).exists())
@@ -230,6 +232,12 @@ impl Worker {
                     Some(Message::Event(event)) => self.record(job, run_id, event).await?,
                     Some(Message::Done(Ok(summary))) => {
                         write_model_card(&job_dir, &card).map_err(|e| RunError::Failed(e.to_string()))?;
+                        let key = Artifacts::job_key(job.id);
+                        for file in [BEST_CHECKPOINT, MODEL_CARD_FILE] {
+                            self.artifacts.publish(&format!("{key}/{file}")).await.map_err(|err| {
+                                RunError::Failed(format!("publishing the model failed: {err}"))
+                            })?;
+                        }
                         return Ok(Finished { summary, card });
                     }
                     Some(Message::Done(Err(TrainError::Stopped))) | None => {
@@ -292,10 +300,17 @@ impl Worker {
                     train_loss = m.train_loss,
                     "epoch done"
                 );
-                store::metrics::record_epoch(&self.pool, job.id, run_id, &m).await
+                let epoch = i64::from(m.epoch);
+                let recorded = store::metrics::record_epoch(&self.pool, job.id, run_id, &m).await;
+                self.publish_epoch(job.id, epoch).await?;
+                recorded
             }
             TrainEvent::NewBest { epoch, metric } => {
                 let key = format!("{}/{BEST_CHECKPOINT}", Artifacts::job_key(job.id));
+                self.artifacts
+                    .publish(&key)
+                    .await
+                    .map_err(|err| RunError::Failed(format!("publishing {key} failed: {err}")))?;
                 store::metrics::record_best_checkpoint(
                     &self.pool, job.id, run_id, epoch, &key, metric,
                 )
@@ -310,6 +325,29 @@ impl Worker {
             }
         };
         stored.map_err(|err| RunError::Failed(format!("recording progress failed: {err}")))
+    }
+
+    /// Publishes an epoch's checkpoint, so an attempt on another host can
+    /// resume from it, and withdraws the one the trainer no longer keeps.
+    async fn publish_epoch(&self, job_id: Uuid, epoch: i64) -> Result<(), RunError> {
+        let job_dir = Artifacts::job_key(job_id);
+        let key = |epoch| {
+            let file = trainer::epoch_checkpoint(std::path::Path::new(&job_dir), epoch);
+            file.to_string_lossy().into_owned()
+        };
+        let failed = |err| {
+            RunError::Failed(format!(
+                "publishing the epoch {epoch} checkpoint failed: {err}"
+            ))
+        };
+        self.artifacts
+            .publish_if_present(&key(epoch))
+            .await
+            .map_err(failed)?;
+        self.artifacts
+            .unpublish(&key(epoch - 2))
+            .await
+            .map_err(failed)
     }
 
     /// Writes the job's final state. Returns its status.

@@ -11,4 +11,5 @@ mod operations;
 mod pretrained;
 mod processes;
 mod serving;
+mod shared_store;
 mod training;

@@ -1,0 +1,114 @@
+//! Several hosts, one object store: the API publishes a dataset, a worker
+//! with an empty cache trains from the store and publishes its checkpoints,
+//! and the API fetches the model it never saw to serve it.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use finetuned::artifacts::Artifacts;
+use finetuned::serve::BatchingConfig;
+use finetuned::train::Worker;
+use image::ImageFormat;
+use serde_json::json;
+
+use crate::helpers::{encode, ran_status, render, torch_rng, Part, TestApp};
+
+fn files(root: &Path) -> Vec<String> {
+    fn walk(dir: &Path, root: &Path, out: &mut Vec<String>) {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if entry.path().is_dir() {
+                walk(&entry.path(), root, out);
+            } else {
+                out.push(
+                    entry
+                        .path()
+                        .strip_prefix(root)
+                        .unwrap()
+                        .display()
+                        .to_string(),
+                );
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(root, root, &mut out);
+    out.sort();
+    out
+}
+
+#[tokio::test]
+async fn hosts_share_datasets_checkpoints_and_models_through_the_store() {
+    let _rng = torch_rng().await;
+    let scratch = std::env::temp_dir().join(format!("finetuned-store-{}", uuid::Uuid::new_v4()));
+    let store = scratch.join("bucket");
+    let url = format!("file://{}", store.display());
+    let api_cache: PathBuf = scratch.join("api");
+    let remote = |cache: &Path| Artifacts::open_with_remote(cache, &url).expect("store opens");
+    let batching = BatchingConfig {
+        device: tch::Device::Cpu,
+        cache_capacity: 1,
+        window: Duration::from_millis(1),
+        max_batch: 8,
+        queue: 8,
+    };
+    let api_artifacts = remote(&api_cache);
+    let app = TestApp::spawn_custom(batching, |state| state.artifacts = api_artifacts).await;
+
+    let dataset = app.shapes_dataset(6, 48).await;
+    let stored = files(&store);
+    assert!(
+        stored
+            .iter()
+            .any(|f| f.starts_with(&format!("datasets/{dataset}/"))),
+        "the dataset is published: {stored:?}"
+    );
+
+    // A worker on "another host": its cache starts empty.
+    let worker_cache = scratch.join("worker");
+    let worker = Worker {
+        artifacts: remote(&worker_cache),
+        ..app.worker.clone()
+    };
+    let job = app
+        .submit_job(json!({ "dataset_id": dataset, "epochs": 3, "image_size": 48 }))
+        .await;
+    assert_eq!(
+        ran_status(worker.try_execute_one(None).await.unwrap()),
+        "succeeded"
+    );
+    let stored = files(&store);
+    let job_files: Vec<&String> = stored.iter().filter(|f| f.starts_with("jobs/")).collect();
+    for name in [
+        "best.safetensors",
+        "model.json",
+        "epoch-3.safetensors",
+        "epoch-2.safetensors",
+    ] {
+        assert!(
+            stored.contains(&format!("jobs/{job}/{name}")),
+            "{name} not published: {job_files:?}"
+        );
+    }
+    // Only the epochs a resume could need are kept.
+    assert!(!stored.contains(&format!("jobs/{job}/epoch-1.safetensors")));
+
+    // The API host never had the model locally; it fetches it to serve.
+    assert!(!api_cache.join(format!("jobs/{job}")).exists());
+    let png = encode(&render(0, 99, 48), ImageFormat::Png);
+    let reply = app
+        .post_multipart("/predict", &[Part::file("image", "x.png", png)])
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.json);
+    assert_eq!(
+        reply.json["results"][0]["predictions"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+    assert!(api_cache
+        .join(format!("jobs/{job}/best.safetensors"))
+        .exists());
+    let _ = std::fs::remove_dir_all(&scratch);
+}
