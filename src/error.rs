@@ -1,6 +1,7 @@
 //! The HTTP error type. Every error leaves as RFC 9457 `application/problem+json`.
 
 use axum::extract::multipart::MultipartError;
+use axum::extract::multipart::MultipartRejection;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -175,6 +176,20 @@ impl From<QueryRejection> for ApiError {
             "invalid query parameters",
             vec![FieldError::new("query", rejection.body_text())],
         )
+    }
+}
+
+impl From<MultipartRejection> for ApiError {
+    fn from(rejection: MultipartRejection) -> Self {
+        let detail = format!(
+            "expected a multipart/form-data body: {}",
+            rejection.body_text()
+        );
+        if rejection.status() == StatusCode::UNSUPPORTED_MEDIA_TYPE {
+            ApiError::UnsupportedMediaType(detail)
+        } else {
+            ApiError::BadRequest(detail)
+        }
     }
 }
 

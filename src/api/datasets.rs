@@ -2,6 +2,7 @@
 
 use std::path::{Path as FsPath, PathBuf};
 
+use axum::extract::multipart::MultipartRejection;
 use axum::extract::{Multipart, Path, State};
 use axum::http::{header, StatusCode};
 use axum::Json;
@@ -26,7 +27,7 @@ struct UploadForm {
 
 pub async fn create(
     State(state): State<AppState>,
-    mut multipart: Multipart,
+    multipart: Result<Multipart, MultipartRejection>,
 ) -> Result<
     (
         StatusCode,
@@ -35,6 +36,7 @@ pub async fn create(
     ),
     ApiError,
 > {
+    let mut multipart = multipart?;
     let upload = RemoveOnDrop(state.artifacts.temp_file(".upload"));
     let mut form = UploadForm {
         name: None,
