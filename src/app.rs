@@ -162,13 +162,31 @@ pub async fn serve(
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
-    tracing::info!(listen = %config.listen, workers = workers.len(), "serving");
-    axum::serve(listener, api::router(state))
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    tracing::info!(listen = %listener.local_addr()?, workers = workers.len(), "serving");
+    // On the signal: stop accepting, and stop the workers at their next batch
+    // at once (they save and hand back in parallel with the HTTP drain).
+    let (signalled_tx, mut signalled) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = signalled_tx.send(true);
+        let _ = stop_tx.send(true);
+    });
+    let mut drain_signal = signalled.clone();
+    let server = axum::serve(listener, api::router(state)).with_graceful_shutdown(async move {
+        let _ = drain_signal.wait_for(|s| *s).await;
+    });
+    // In-flight requests get a bounded drain; event streams would otherwise
+    // keep the process up as long as their clients stay.
+    let grace = Duration::from_secs(config.shutdown_grace_secs);
+    tokio::select! {
+        served = server => served?,
+        _ = async {
+            let _ = signalled.wait_for(|s| *s).await;
+            tokio::time::sleep(grace).await;
+        } => tracing::warn!(?grace, "requests still open after the grace period: closing them"),
+    }
 
-    tracing::info!("shutting down: stopping workers");
-    let _ = stop_tx.send(true);
+    tracing::info!("shutting down: waiting for workers to hand back their jobs");
     for worker in workers {
         if let Ok(Err(err)) = worker.await {
             tracing::error!(error = ?err, "worker ended with an error");

@@ -114,6 +114,10 @@ pub struct Config {
     #[arg(long, env = "FINETUNED_LEASE_SECS", default_value_t = 60)]
     pub lease_secs: u64,
 
+    /// Seconds in-flight requests get to finish after SIGTERM/SIGINT.
+    #[arg(long, env = "FINETUNED_SHUTDOWN_GRACE_SECS", default_value_t = 20)]
+    pub shutdown_grace_secs: u64,
+
     /// Log format: `text` or `json`.
     #[arg(long, env = "FINETUNED_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
@@ -198,6 +202,7 @@ impl std::fmt::Debug for Config {
             .field("max_concurrent_uploads", &self.max_concurrent_uploads)
             .field("cors_origins", &self.cors_origins)
             .field("lease_secs", &self.lease_secs)
+            .field("shutdown_grace_secs", &self.shutdown_grace_secs)
             .finish()
     }
 }

@@ -35,6 +35,40 @@ pub async fn connect(url: &str) -> anyhow::Result<PgPool> {
 /// The migrations in `migrations/`, built into the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
+/// Whether an error means Postgres was unreachable (restart, failover,
+/// network) rather than that the statement was wrong: worth retrying.
+pub fn is_transient(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Tls(_) => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            // 08: connection exceptions; 57P0x: admin/crash shutdown, cannot connect now.
+            code.starts_with("08") || code.starts_with("57P")
+        }),
+        _ => false,
+    }
+}
+
+/// Runs a statement again while Postgres is unreachable, for up to `patience`
+/// (a restart or failover), so that workers keep their jobs through it.
+pub async fn retry<T, F, Fut>(patience: Duration, mut attempt: F) -> sqlx::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = sqlx::Result<T>>,
+{
+    let started = std::time::Instant::now();
+    let mut pause = Duration::from_millis(200);
+    loop {
+        match attempt().await {
+            Err(err) if is_transient(&err) && started.elapsed() < patience => {
+                tracing::warn!(error = %err, "Postgres unreachable; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+            other => return other,
+        }
+    }
+}
+
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
     MIGRATOR.run(pool).await?;
     Ok(())

@@ -30,6 +30,9 @@ use crate::telemetry;
 
 /// File name of the labels and preprocessing facts beside the checkpoint.
 pub const MODEL_CARD_FILE: &str = "model.json";
+/// How long a worker keeps retrying its writes while Postgres is down before
+/// it gives the job up (its lease then expires and another attempt resumes).
+const DB_PATIENCE: Duration = Duration::from_secs(60);
 /// How often a running job checks whether it was cancelled.
 const CANCEL_POLL: Duration = Duration::from_millis(500);
 
@@ -140,7 +143,7 @@ impl Worker {
             Ok((spec, card)) => self.train(&job, run_id, spec, card, shutdown).await,
             Err(err) => Err(RunError::Failed(format!("{err:#}"))),
         };
-        let status = self.conclude(&job, run_id, result).await?;
+        let status = self.conclude_patiently(&job, run_id, &result).await?;
         metrics::counter!(telemetry::JOBS_ENDED, "status" => status).increment(1);
         tracing::info!(status, "job ended");
         Ok(Outcome::Ran {
@@ -274,7 +277,10 @@ impl Worker {
     ) -> Result<(), RunError> {
         let stored = match event {
             TrainEvent::Started { cached_features } => {
-                jobs::set_run_cached_features(&self.pool, run_id, cached_features).await
+                store::retry(DB_PATIENCE, || {
+                    jobs::set_run_cached_features(&self.pool, run_id, cached_features)
+                })
+                .await
             }
             TrainEvent::Progress {
                 epoch,
@@ -287,7 +293,10 @@ impl Worker {
                     "epoch": epoch, "step": step, "steps": steps,
                     "images_per_second": images_per_second, "eta_seconds": eta_seconds,
                 });
-                jobs::set_progress(&self.pool, job.id, &self.id, &progress).await
+                store::retry(DB_PATIENCE, || {
+                    jobs::set_progress(&self.pool, job.id, &self.id, &progress)
+                })
+                .await
             }
             TrainEvent::Epoch(m) => {
                 metrics::gauge!(telemetry::TRAIN_IMAGES_PER_SECOND, "worker" => self.id.clone())
@@ -301,7 +310,10 @@ impl Worker {
                     "epoch done"
                 );
                 let epoch = i64::from(m.epoch);
-                let recorded = store::metrics::record_epoch(&self.pool, job.id, run_id, &m).await;
+                let recorded = store::retry(DB_PATIENCE, || {
+                    store::metrics::record_epoch(&self.pool, job.id, run_id, &m)
+                })
+                .await;
                 self.publish_epoch(job.id, epoch).await?;
                 recorded
             }
@@ -311,9 +323,11 @@ impl Worker {
                     .publish(&key)
                     .await
                     .map_err(|err| RunError::Failed(format!("publishing {key} failed: {err}")))?;
-                store::metrics::record_best_checkpoint(
-                    &self.pool, job.id, run_id, epoch, &key, metric,
-                )
+                store::retry(DB_PATIENCE, || {
+                    store::metrics::record_best_checkpoint(
+                        &self.pool, job.id, run_id, epoch, &key, metric,
+                    )
+                })
                 .await
             }
             TrainEvent::EarlyStopped { epoch } => {
@@ -350,12 +364,37 @@ impl Worker {
             .map_err(failed)
     }
 
+    /// [`Self::conclude`], again while Postgres is unreachable: the job's
+    /// outcome is not lost to a database restart.
+    async fn conclude_patiently(
+        &self,
+        job: &jobs::JobRow,
+        run_id: Uuid,
+        result: &Result<Finished, RunError>,
+    ) -> anyhow::Result<&'static str> {
+        let started = std::time::Instant::now();
+        loop {
+            match self.conclude(job, run_id, result).await {
+                Err(err)
+                    if started.elapsed() < DB_PATIENCE
+                        && err
+                            .downcast_ref::<sqlx::Error>()
+                            .is_some_and(store::is_transient) =>
+                {
+                    tracing::warn!(error = %err, "recording the job's end failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Writes the job's final state. Returns its status.
     async fn conclude(
         &self,
         job: &jobs::JobRow,
         run_id: Uuid,
-        result: Result<Finished, RunError>,
+        result: &Result<Finished, RunError>,
     ) -> anyhow::Result<&'static str> {
         let mut tx = self.pool.begin().await?;
         let status = match result {

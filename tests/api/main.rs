@@ -8,6 +8,7 @@ mod helpers;
 mod jobs;
 mod lifecycle;
 mod operations;
+mod outage;
 mod pretrained;
 mod processes;
 mod serving;

@@ -132,8 +132,22 @@ async fn sigterm_stops_serve_cleanly_and_hands_the_job_back() {
         }))
         .await;
 
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
     let mut server = Finetuned::start(
-        &["serve", "--listen", "127.0.0.1:0", "--workers", "1"],
+        &[
+            "serve",
+            "--listen",
+            &listen,
+            "--workers",
+            "1",
+            "--shutdown-grace-secs",
+            "2",
+        ],
         &app,
         "serve.log",
     );
@@ -141,11 +155,25 @@ async fn sigterm_stops_serve_cleanly_and_hands_the_job_back() {
         s.status == "running" && s.epoch >= 1
     })
     .await;
+    // A client following the job's events: the drain must not wait for it.
+    let mut events = tokio::net::TcpStream::connect(&listen)
+        .await
+        .expect("server listens");
+    let request = format!("GET /jobs/{job}/events HTTP/1.1\r\nHost: {listen}\r\n\r\n");
+    tokio::io::AsyncWriteExt::write_all(&mut events, request.as_bytes())
+        .await
+        .unwrap();
+    let mut head = [0u8; 64];
+    let n = tokio::io::AsyncReadExt::read(&mut events, &mut head)
+        .await
+        .unwrap();
+    assert!(String::from_utf8_lossy(&head[..n]).starts_with("HTTP/1.1 200"));
     server.signal(libc::SIGTERM);
     let status = server.wait(Duration::from_secs(30)).await;
     let log = log_of(app.data_dir(), "serve.log");
     assert!(status.success(), "exit {status:?}; log:\n{log}");
     assert!(log.contains("SIGTERM received"), "{log}");
+    drop(events);
 
     // Stopped at a batch boundary, handed back without spending the attempt.
     let after = job_state(&app, &job).await;
