@@ -425,8 +425,8 @@ impl Worker {
             }
             Err(RunError::Failed(reason)) => {
                 tracing::warn!(%reason, "job failed");
-                jobs::finish(&mut tx, job.id, &self.id, "failed", Some(&reason)).await?;
-                jobs::finish_run(&mut tx, run_id, "failed", Some(&reason)).await?;
+                jobs::finish(&mut tx, job.id, &self.id, "failed", Some(reason)).await?;
+                jobs::finish_run(&mut tx, run_id, "failed", Some(reason)).await?;
                 "failed"
             }
             Err(RunError::Stopped(StopReason::Cancelled)) => {
