@@ -31,8 +31,6 @@ enum Command {
     Keys {
         #[command(subcommand)]
         action: KeyAction,
-        #[command(flatten)]
-        config: Config,
     },
 }
 
@@ -46,11 +44,30 @@ enum KeyAction {
         /// A label to recognise the key by.
         #[arg(long, default_value = "")]
         name: String,
+        #[command(flatten)]
+        config: Config,
     },
     /// List keys (never their secrets).
-    List,
+    List {
+        #[command(flatten)]
+        config: Config,
+    },
     /// Revoke a key by id or prefix.
-    Revoke { key: String },
+    Revoke {
+        key: String,
+        #[command(flatten)]
+        config: Config,
+    },
+}
+
+impl KeyAction {
+    fn config(&self) -> &Config {
+        match self {
+            Self::Create { config, .. } | Self::List { config } | Self::Revoke { config, .. } => {
+                config
+            }
+        }
+    }
 }
 
 #[tokio::main]
@@ -58,7 +75,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = match &cli.command {
         Command::Serve(c) | Command::Worker(c) | Command::Migrate(c) => c.clone(),
-        Command::Keys { config, .. } => config.clone(),
+        Command::Keys { action } => action.config().clone(),
     };
     init_tracing(&config.log_format);
     tracing::debug!(?config, "configuration");
@@ -71,8 +88,8 @@ async fn main() -> anyhow::Result<()> {
             db.close().await;
             Ok(())
         }
-        Command::Keys { action, config } => {
-            let db = app::Database::open(&config).await?;
+        Command::Keys { action } => {
+            let db = app::Database::open(action.config()).await?;
             let result = keys(&db.pool, action).await;
             db.close().await;
             result
@@ -82,7 +99,7 @@ async fn main() -> anyhow::Result<()> {
 
 async fn keys(pool: &sqlx::PgPool, action: KeyAction) -> anyhow::Result<()> {
     match action {
-        KeyAction::Create { scope, name } => {
+        KeyAction::Create { scope, name, .. } => {
             let scope = Scope::parse(&scope).ok_or_else(|| {
                 anyhow::anyhow!("--scope must be `admin` or `predict`, not {scope:?}")
             })?;
@@ -95,7 +112,7 @@ async fn keys(pool: &sqlx::PgPool, action: KeyAction) -> anyhow::Result<()> {
             );
             println!("{}", key.token);
         }
-        KeyAction::List => {
+        KeyAction::List { .. } => {
             println!(
                 "{:<36}  {:<12}  {:<8}  {:<20}  {:<8}  name",
                 "id", "prefix", "scope", "created", "state"
@@ -116,7 +133,7 @@ async fn keys(pool: &sqlx::PgPool, action: KeyAction) -> anyhow::Result<()> {
                 );
             }
         }
-        KeyAction::Revoke { key } => {
+        KeyAction::Revoke { key, .. } => {
             if !store::keys::revoke(pool, &key).await? {
                 anyhow::bail!("no active key with id or prefix {key:?}");
             }
@@ -129,7 +146,10 @@ async fn keys(pool: &sqlx::PgPool, action: KeyAction) -> anyhow::Result<()> {
 fn init_tracing(format: &str) {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,tower_http=info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // Logs go to stderr: stdout carries command output (a new key's token).
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if format == "json" {
         builder.json().init();
     } else {
