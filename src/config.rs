@@ -70,6 +70,14 @@ pub struct Config {
     #[arg(long, env = "FINETUNED_MAX_BATCH", default_value_t = 0)]
     pub max_batch: usize,
 
+    /// Models kept loaded for `/predict`, at most (least recently used out).
+    #[arg(long, env = "FINETUNED_MODEL_CACHE_MODELS", default_value_t = 4)]
+    pub model_cache_models: usize,
+
+    /// Memory for loaded models' weights, in MiB (least recently used out).
+    #[arg(long, env = "FINETUNED_MODEL_CACHE_MIB", default_value_t = 1024)]
+    pub model_cache_mib: usize,
+
     /// `/predict` requests that may wait for the model; more get 503 + Retry-After.
     #[arg(long, env = "FINETUNED_PREDICT_QUEUE", default_value_t = 64)]
     pub predict_queue: usize,
@@ -127,7 +135,8 @@ impl Config {
     pub fn batching(&self, device: tch::Device) -> crate::serve::BatchingConfig {
         crate::serve::BatchingConfig {
             device,
-            cache_capacity: 4,
+            cache_capacity: self.model_cache_models.max(1),
+            cache_bytes: self.model_cache_mib.saturating_mul(1024 * 1024),
             window: std::time::Duration::from_millis(self.batch_window_ms),
             max_batch: match (self.max_batch, device) {
                 (0, tch::Device::Cpu) => 1,
@@ -193,6 +202,8 @@ impl std::fmt::Debug for Config {
             .field("batch_window_ms", &self.batch_window_ms)
             .field("max_batch", &self.max_batch)
             .field("predict_queue", &self.predict_queue)
+            .field("model_cache_models", &self.model_cache_models)
+            .field("model_cache_mib", &self.model_cache_mib)
             .field("predict_timeout_secs", &self.predict_timeout_secs)
             .field("decode_threads", &self.decode_threads())
             .field("allow_unauthenticated", &self.allow_unauthenticated)

@@ -3,6 +3,7 @@
 
 use tch::nn::{self, ModuleT};
 
+use super::folded::{FoldedBlock, FoldedConv, FoldedNet, Variables};
 use super::Stage;
 
 /// Channels of the pooled feature vector.
@@ -121,5 +122,80 @@ pub fn features(root: &nn::Path) -> impl ModuleT {
             .iter()
             .fold(xs.shallow_clone(), |x, s| s.forward_t(&x, train));
         super::global_average_pool(&x)
+    })
+}
+
+/// The network with BatchNorm folded into its convolutions, for serving:
+/// the same blocks as [`stages`], read from a checkpoint's variables.
+pub fn folded(vars: &Variables) -> Result<FoldedNet, String> {
+    let single = |conv: FoldedConv| FoldedBlock {
+        convs: vec![conv],
+        residual: false,
+    };
+    let mut blocks = vec![single(FoldedConv::new(
+        vars,
+        "features.0.0",
+        "features.0.1",
+        2,
+        1,
+        true,
+    )?)];
+    let mut c_in = 32;
+    let mut id = 1;
+    for (expansion, c_out, repeats, first_stride) in INVERTED_RESIDUALS {
+        for i in 0..repeats {
+            let stride = if i == 0 { first_stride } else { 1 };
+            let p = format!("features.{id}.conv");
+            let hidden = expansion * c_in;
+            let mut convs = Vec::new();
+            let mut k = 0;
+            if expansion != 1 {
+                convs.push(FoldedConv::new(
+                    vars,
+                    &format!("{p}.0.0"),
+                    &format!("{p}.0.1"),
+                    1,
+                    1,
+                    true,
+                )?);
+                k = 1;
+            }
+            convs.push(FoldedConv::new(
+                vars,
+                &format!("{p}.{k}.0"),
+                &format!("{p}.{k}.1"),
+                stride,
+                hidden,
+                true,
+            )?);
+            convs.push(FoldedConv::new(
+                vars,
+                &format!("{p}.{}", k + 1),
+                &format!("{p}.{}", k + 2),
+                1,
+                1,
+                false,
+            )?);
+            blocks.push(FoldedBlock {
+                convs,
+                residual: stride == 1 && c_in == c_out,
+            });
+            c_in = c_out;
+            id += 1;
+        }
+    }
+    blocks.push(single(FoldedConv::new(
+        vars,
+        &format!("features.{id}.0"),
+        &format!("features.{id}.1"),
+        1,
+        1,
+        true,
+    )?));
+    let (head_weight, head_bias) = vars.head()?;
+    Ok(FoldedNet {
+        blocks,
+        head_weight,
+        head_bias,
     })
 }

@@ -1,5 +1,6 @@
 //! The backbone catalogue and the classifier built on a backbone.
 
+pub mod folded;
 pub mod mobilenet_v2;
 
 use std::path::{Path, PathBuf};
@@ -48,6 +49,14 @@ impl BackboneSpec {
     fn build(&self, root: &nn::Path) -> Vec<Stage> {
         match self.name {
             "mobilenet_v2" => mobilenet_v2::stages(root),
+            other => unreachable!("backbone {other} is in the catalogue but has no builder"),
+        }
+    }
+
+    /// The serving network of a checkpoint (BatchNorm folded).
+    pub fn folded(&self, vars: &folded::Variables) -> Result<folded::FoldedNet, String> {
+        match self.name {
+            "mobilenet_v2" => mobilenet_v2::folded(vars),
             other => unreachable!("backbone {other} is in the catalogue but has no builder"),
         }
     }

@@ -12,12 +12,12 @@ use std::sync::mpsc::{self, RecvTimeoutError, TrySendError};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use crate::data::preprocess::{self, Normalization};
+use crate::models::folded::{FoldedNet, Variables};
 use crate::models::{self, Classifier};
 use crate::telemetry;
 
@@ -71,8 +71,11 @@ pub enum ServeError {
 #[derive(Debug, Clone)]
 pub struct BatchingConfig {
     pub device: Device,
-    /// Loaded models kept in memory.
+    /// Loaded models kept in memory, at most.
     pub cache_capacity: usize,
+    /// Bytes of loaded models' tensors kept in memory, at most (the model
+    /// in use always stays).
+    pub cache_bytes: usize,
     /// How long the first request of a batch waits for company.
     pub window: Duration,
     /// Most images in one forward pass.
@@ -103,6 +106,7 @@ impl Predictor {
             .spawn(move || {
                 let mut cache = ModelCache {
                     capacity: config.cache_capacity.max(1),
+                    max_bytes: config.cache_bytes,
                     device: config.device,
                     entries: Vec::new(),
                 };
@@ -167,15 +171,17 @@ fn gather(inbox: &mpsc::Receiver<Request>, config: &BatchingConfig) -> Option<Ve
 /// Loaded models kept in memory, least recently used first out.
 struct ModelCache {
     capacity: usize,
+    max_bytes: usize,
     device: Device,
     /// Most recently used last.
     entries: Vec<(Uuid, LoadedModel)>,
 }
 
 struct LoadedModel {
-    _vs: VarStore,
-    classifier: Classifier,
+    net: FoldedNet,
     spec: ModelSpec,
+    /// Memory its tensors take, for the cache's bound.
+    bytes: usize,
 }
 
 impl ModelCache {
@@ -242,7 +248,7 @@ impl ModelCache {
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let (scores, indices) = tch::no_grad(|| {
                 let batch = preprocess::stack_canonical(images).to_device(device);
-                let probs = forward_probabilities(&model.classifier, &model.spec, &batch);
+                let probs = probabilities(|x| model.net.forward(x), &model.spec, &batch);
                 probs.topk(k, -1, true, true)
             });
             let scores =
@@ -280,8 +286,13 @@ impl ModelCache {
                 id: spec.id,
                 reason,
             })?;
-            if self.entries.len() >= self.capacity {
-                self.entries.remove(0);
+            let mut held: usize = self.entries.iter().map(|(_, m)| m.bytes).sum();
+            while !self.entries.is_empty()
+                && (self.entries.len() >= self.capacity || held + loaded.bytes > self.max_bytes)
+            {
+                let (id, evicted) = self.entries.remove(0);
+                held -= evicted.bytes;
+                tracing::info!(model_id = %id, "model evicted from the cache");
             }
             tracing::info!(model_id = %spec.id, ms = started.elapsed().as_millis() as u64, "model loaded");
             self.entries.push((spec.id, loaded));
@@ -297,20 +308,93 @@ pub fn forward_probabilities(
     spec: &ModelSpec,
     canonical: &Tensor,
 ) -> Tensor {
-    let input = preprocess::model_input(canonical, spec.image_size, &spec.normalization);
-    classifier.forward_t(&input, false).softmax(-1, Kind::Float)
+    probabilities(|x| classifier.forward_t(x, false), spec, canonical)
 }
 
+/// Softmax scores of any network over canonical images, through the one
+/// preprocessing path.
+fn probabilities(
+    logits: impl Fn(&Tensor) -> Tensor,
+    spec: &ModelSpec,
+    canonical: &Tensor,
+) -> Tensor {
+    let input = preprocess::model_input(canonical, spec.image_size, &spec.normalization);
+    logits(&input).softmax(-1, Kind::Float)
+}
+
+/// Loads a checkpoint as the serving network (BatchNorm folded).
 fn load(spec: &ModelSpec, device: Device) -> Result<LoadedModel, String> {
     let backbone = models::find(&spec.backbone)
         .ok_or_else(|| format!("unknown backbone {}", spec.backbone))?;
-    let mut vs = VarStore::new(device);
-    let classifier = Classifier::new(&mut vs, backbone, spec.labels.len() as i64, None)
-        .map_err(|e| e.to_string())?;
-    vs.load(&spec.checkpoint).map_err(|e| e.to_string())?;
+    let tensors = Tensor::read_safetensors(&spec.checkpoint).map_err(|e| e.to_string())?;
+    let vars = Variables(
+        tensors
+            .into_iter()
+            .map(|(name, t)| (name, t.to_device(device)))
+            .collect(),
+    );
+    let net = tch::no_grad(|| backbone.folded(&vars))?;
+    let classes = net.head_weight.size()[0];
+    if classes != spec.labels.len() as i64 {
+        return Err(format!(
+            "the checkpoint has {classes} outputs for {} labels",
+            spec.labels.len()
+        ));
+    }
+    let bytes = net.bytes();
     Ok(LoadedModel {
-        _vs: vs,
-        classifier,
+        net,
         spec: spec.clone(),
+        bytes,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A randomly initialised checkpoint of `classes` outputs.
+    fn checkpoint(dir: &std::path::Path, classes: usize) -> ModelSpec {
+        let spec = models::find("mobilenet_v2").unwrap();
+        let mut vs = tch::nn::VarStore::new(Device::Cpu);
+        Classifier::new(&mut vs, spec, classes as i64, None).unwrap();
+        let id = Uuid::new_v4();
+        let path = dir.join(format!("{id}.safetensors"));
+        vs.save(&path).unwrap();
+        ModelSpec {
+            id,
+            checkpoint: path,
+            backbone: spec.name.into(),
+            labels: (0..classes).map(|i| format!("class{i}")).collect(),
+            image_size: 64,
+            normalization: Normalization::IMAGENET,
+        }
+    }
+
+    #[test]
+    fn the_model_cache_is_bounded_by_memory_and_evicts_the_least_recent() {
+        let dir = std::env::temp_dir().join(format!("model-cache-{}", Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let [a, b, c] = [3, 3, 3].map(|n| checkpoint(&dir, n));
+        let one = load(&a, Device::Cpu).unwrap().bytes;
+        assert!(one > 8 * 1024 * 1024, "MobileNetV2 holds {one} bytes");
+        let mut cache = ModelCache {
+            capacity: 10,
+            max_bytes: one * 5 / 2,
+            device: Device::Cpu,
+            entries: Vec::new(),
+        };
+        let held = |cache: &ModelCache| cache.entries.iter().map(|(id, _)| *id).collect::<Vec<_>>();
+        cache.get(&a).unwrap();
+        cache.get(&b).unwrap();
+        assert_eq!(held(&cache), [a.id, b.id]);
+        cache.get(&a).unwrap(); // a is now the most recent
+        cache.get(&c).unwrap(); // room for two: b goes
+        assert_eq!(held(&cache), [a.id, c.id]);
+        // The count bound applies too.
+        cache.capacity = 1;
+        cache.get(&b).unwrap();
+        assert_eq!(held(&cache), [b.id]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

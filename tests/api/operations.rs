@@ -15,6 +15,7 @@ fn batching() -> BatchingConfig {
     BatchingConfig {
         device: tch::Device::Cpu,
         cache_capacity: 1,
+        cache_bytes: usize::MAX,
         window: Duration::from_millis(1),
         max_batch: 1,
         queue: 4,

@@ -27,6 +27,7 @@ async fn a_postgres_restart_mid_training_loses_nothing() {
     let batching = BatchingConfig {
         device: tch::Device::Cpu,
         cache_capacity: 1,
+        cache_bytes: usize::MAX,
         window: Duration::from_millis(1),
         max_batch: 1,
         queue: 4,

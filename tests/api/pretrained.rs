@@ -52,3 +52,47 @@ fn imagenet_mobilenet_v2_recognises_real_photos() {
         "confident espresso"
     );
 }
+
+/// Serving folds BatchNorm into the convolutions; with the real weights and
+/// real photos it computes what the trained modules compute.
+#[test]
+fn the_folded_serving_network_equals_the_trained_one() {
+    let _rng = crate::helpers::torch_rng_blocking();
+    tch::manual_seed(7);
+    let spec = finetuned::models::find("mobilenet_v2").unwrap();
+    let mut vs = nn::VarStore::new(tch::Device::Cpu);
+    let classifier = finetuned::models::Classifier::new(
+        &mut vs,
+        spec,
+        5,
+        Some(&spec.weights_path(&weights_dir())),
+    )
+    .expect("weights load (run scripts/setup)");
+    let checkpoint =
+        std::env::temp_dir().join(format!("folded-{}.safetensors", uuid::Uuid::new_v4()));
+    vs.save(&checkpoint).unwrap();
+    let vars = finetuned::models::folded::Variables(
+        tch::Tensor::read_safetensors(&checkpoint)
+            .unwrap()
+            .into_iter()
+            .collect(),
+    );
+    std::fs::remove_file(&checkpoint).unwrap();
+    let net = spec.folded(&vars).expect("folds");
+
+    let photos = ["coffee.png", "chelsea.png"].map(|name| {
+        let bytes = std::fs::read(fixtures_dir().join(name)).expect("photo (run scripts/setup)");
+        preprocess::decode_canonical(&bytes).expect("decodes")
+    });
+    let input = preprocess::model_input(
+        &preprocess::stack_canonical(&photos),
+        224,
+        &Normalization::IMAGENET,
+    );
+    let (trained, folded) =
+        tch::no_grad(|| (classifier.forward_t(&input, false), net.forward(&input)));
+    let diff = (&trained - &folded).abs().max().double_value(&[]);
+    assert!(diff < 1e-4, "max |logit difference| {diff}");
+    let order = |t: &tch::Tensor| Vec::<Vec<i64>>::try_from(t.argsort(-1, true)).unwrap();
+    assert_eq!(order(&trained), order(&folded));
+}
