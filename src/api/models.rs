@@ -16,6 +16,7 @@ use super::extract::ApiQuery;
 use super::predict::model_spec;
 use super::{parse_id, AppState};
 use crate::error::{ApiError, FieldError};
+use crate::serve;
 use crate::store::models::{self as store, ModelRow, DEFAULT_ALIAS};
 use crate::store::{datasets, jobs};
 
@@ -123,17 +124,17 @@ pub async fn export(
     ApiQuery(params): ApiQuery<ExportParams>,
 ) -> Result<impl IntoResponse, ApiError> {
     let format = params.format.unwrap_or_else(|| "safetensors".into());
-    if format != "safetensors" {
+    if !["safetensors", "torchscript"].contains(&format.as_str()) {
         return Err(ApiError::invalid(
             "unsupported export format",
             vec![FieldError::new(
                 "query:format",
-                format!("{format:?} is not supported; use safetensors"),
+                format!("{format:?} is not supported; use safetensors or torchscript"),
             )],
         ));
     }
     let model = find(&state, &id).await?;
-    let card = json!({
+    let mut card = json!({
         "model_id": model.id,
         "backbone": model.backbone,
         "labels": model.labels.0,
@@ -155,16 +156,38 @@ pub async fn export(
         .fetch_final(&model.artifact_key)
         .await
         .map_err(|e| ApiError::Internal(e.into()))?;
+    let (file, contents) = if format == "torchscript" {
+        card["module"] = json!("model.pt: TorchScript. forward(images) takes uint8 [N, 3, 256, 256] RGB images after the first two steps (decode; shorter side to 256, center crop) and returns softmax scores [N, classes] in the order of labels; the remaining steps are inside.");
+        card.as_object_mut().unwrap().remove("weights");
+        let spec = model_spec(&state, &model).await?;
+        let out = state.artifacts.temp_file(".pt");
+        let traced = out.clone();
+        let bytes = tokio::task::spawn_blocking(move || {
+            let result = serve::export_torchscript(&spec, &traced)
+                .map_err(std::io::Error::other)
+                .and_then(|()| std::fs::read(&traced));
+            let _ = std::fs::remove_file(&traced);
+            result
+        })
+        .await
+        .map_err(|e| ApiError::Internal(e.into()))?
+        .map_err(|e| ApiError::Internal(e.into()))?;
+        ("model.pt", bytes)
+    } else {
+        let bytes = tokio::fs::read(&checkpoint)
+            .await
+            .map_err(|e| ApiError::Internal(e.into()))?;
+        ("weights.safetensors", bytes)
+    };
     let archive = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
-        let weights = std::fs::read(checkpoint)?;
         let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
         let options = zip::write::SimpleFileOptions::default();
         zip.start_file("model.json", options)
             .map_err(std::io::Error::other)?;
         zip.write_all(&serde_json::to_vec_pretty(&card).map_err(std::io::Error::other)?)?;
-        zip.start_file("weights.safetensors", options)
+        zip.start_file(file, options)
             .map_err(std::io::Error::other)?;
-        zip.write_all(&weights)?;
+        zip.write_all(&contents)?;
         Ok(zip.finish().map_err(std::io::Error::other)?.into_inner())
     })
     .await

@@ -120,16 +120,23 @@ pub const CROP_FRACTION: f64 = CROP_SIZE as f64 / STORED_SIZE as f64;
 
 /// Subtracts the mean and divides by the std, per channel.
 pub fn normalize(images: &Tensor, norm: &Normalization) -> Tensor {
-    let device = images.device();
-    let mean = Tensor::from_slice(&norm.mean)
-        .to_kind(Kind::Float)
-        .view([1, 3, 1, 1])
-        .to_device(device);
-    let std = Tensor::from_slice(&norm.std)
-        .to_kind(Kind::Float)
-        .view([1, 3, 1, 1])
-        .to_device(device);
+    let (mean, std) = norm.tensors(images.device());
     (images - mean) / std
+}
+
+impl Normalization {
+    /// Mean and std as `[1, 3, 1, 1]` tensors. Made outside a TorchScript
+    /// trace, they enter it as constants (a copy from Rust memory inside
+    /// one would not be recorded).
+    pub fn tensors(&self, device: tch::Device) -> (Tensor, Tensor) {
+        let make = |values: &[f64; 3]| {
+            Tensor::from_slice(values)
+                .to_kind(Kind::Float)
+                .view([1, 3, 1, 1])
+                .to_device(device)
+        };
+        (make(&self.mean), make(&self.std))
+    }
 }
 
 /// Stacks canonical images (each `STORED_BYTES` long) into a uint8 tensor.

@@ -322,6 +322,29 @@ fn probabilities(
     logits(&input).softmax(-1, Kind::Float)
 }
 
+/// Writes the model as a TorchScript module that takes canonical images
+/// (uint8 `[N, 3, 256, 256]`) and returns softmax scores `[N, classes]`: the
+/// serving network traced with the preprocessing that follows decoding.
+pub fn export_torchscript(spec: &ModelSpec, out: &std::path::Path) -> Result<(), String> {
+    let model = load(spec, Device::Cpu)?;
+    let side = preprocess::STORED_SIZE as i64;
+    let example = Tensor::zeros([1, 3, side, side], (Kind::Uint8, Device::Cpu));
+    let (mean, std) = spec.normalization.tensors(Device::Cpu);
+    let traced = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        tch::no_grad(|| {
+            tch::CModule::create_by_tracing("finetuned", "forward", &[example], &mut |inputs| {
+                // The serving path's steps, with the normalization made
+                // before the trace (see `Normalization::tensors`).
+                let input = (preprocess::center_view(&inputs[0], spec.image_size) - &mean) / &std;
+                vec![model.net.forward(&input).softmax(-1, Kind::Float)]
+            })
+        })
+    }))
+    .map_err(|panic| crate::panic_message(&panic))?
+    .map_err(|e| e.to_string())?;
+    traced.save(out).map_err(|e| e.to_string())
+}
+
 /// Loads a checkpoint as the serving network (BatchNorm folded).
 fn load(spec: &ModelSpec, device: Device) -> Result<LoadedModel, String> {
     let backbone = models::find(&spec.backbone)

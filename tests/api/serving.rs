@@ -347,6 +347,46 @@ async fn export_is_a_zip_of_weights_and_the_preprocessing_contract() {
         );
     }
 
+    // The TorchScript export carries the network and the preprocessing after
+    // decoding: PyTorch alone gives /predict's scores for the canonical image.
+    let reply = app
+        .get(&format!("/models/{model}/export?format=torchscript"))
+        .await;
+    assert_eq!(
+        reply.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    let dir = std::env::temp_dir().join(format!("export-ts-{model}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("model.zip"), &reply.body).unwrap();
+    std::fs::write(dir.join("image.png"), &canonical_png).unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/api/load_torchscript.py");
+    let out = std::process::Command::new(torch_python())
+        .arg(script)
+        .arg(dir.join("model.zip"))
+        .arg(dir.join("image.png"))
+        .output()
+        .expect("the virtualenv's python runs (scripts/setup)");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let traced: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    for p in served.json["results"][0]["predictions"].as_array().unwrap() {
+        let ours = p["score"].as_f64().unwrap();
+        let theirs = traced[p["label"].as_str().unwrap()].as_f64().unwrap();
+        assert!(
+            (ours - theirs).abs() < 1e-5,
+            "{}: finetuned {ours} vs TorchScript {theirs}",
+            p["label"]
+        );
+    }
+
     app.get(&format!("/models/{model}/export?format=onnx"))
         .await
         .assert_problem(StatusCode::UNPROCESSABLE_ENTITY);
