@@ -70,6 +70,13 @@ pub struct Config {
     #[arg(long, env = "FINETUNED_MAX_BATCH", default_value_t = 0)]
     pub max_batch: usize,
 
+    /// Inference threads for `/predict`, each running its own forward passes
+    /// with cores / threads libtorch threads (and its own copy of the models
+    /// in use). 0: one per core on the CPU (measured: more throughput than one
+    /// thread using every core), one on a GPU.
+    #[arg(long, env = "FINETUNED_INFERENCE_THREADS", default_value_t = 0)]
+    pub inference_threads: usize,
+
     /// Models kept loaded for `/predict`, at most (least recently used out).
     #[arg(long, env = "FINETUNED_MODEL_CACHE_MODELS", default_value_t = 4)]
     pub model_cache_models: usize,
@@ -133,8 +140,19 @@ pub struct Config {
 
 impl Config {
     pub fn batching(&self, device: tch::Device) -> crate::serve::BatchingConfig {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let threads = match (self.inference_threads, device) {
+            (0, tch::Device::Cpu) => cores,
+            (0, _) => 1,
+            (n, _) => n,
+        };
         crate::serve::BatchingConfig {
             device,
+            threads,
+            torch_threads: match device {
+                tch::Device::Cpu => (cores / threads).max(1),
+                _ => 0,
+            },
             cache_capacity: self.model_cache_models.max(1),
             cache_bytes: self.model_cache_mib.saturating_mul(1024 * 1024),
             window: std::time::Duration::from_millis(self.batch_window_ms),
@@ -202,6 +220,7 @@ impl std::fmt::Debug for Config {
             .field("batch_window_ms", &self.batch_window_ms)
             .field("max_batch", &self.max_batch)
             .field("predict_queue", &self.predict_queue)
+            .field("inference_threads", &self.inference_threads)
             .field("model_cache_models", &self.model_cache_models)
             .field("model_cache_mib", &self.model_cache_mib)
             .field("predict_timeout_secs", &self.predict_timeout_secs)

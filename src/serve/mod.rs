@@ -71,6 +71,10 @@ pub enum ServeError {
 #[derive(Debug, Clone)]
 pub struct BatchingConfig {
     pub device: Device,
+    /// Inference threads, each with its own copy of the models in use.
+    pub threads: usize,
+    /// libtorch intra-op threads per inference thread (0: libtorch's default).
+    pub torch_threads: usize,
     /// Loaded models kept in memory, at most.
     pub cache_capacity: usize,
     /// Bytes of loaded models' tensors kept in memory, at most (the model
@@ -92,29 +96,47 @@ struct Request {
     reply: oneshot::Sender<Result<Vec<Vec<Prediction>>, ServeError>>,
 }
 
+/// Handle to the inference threads. Each thread has its own queue, model
+/// cache and libtorch thread count; requests go round-robin to a thread with
+/// room.
 #[derive(Clone)]
 pub struct Predictor {
-    requests: mpsc::SyncSender<Request>,
+    queues: std::sync::Arc<Vec<mpsc::SyncSender<Request>>>,
+    next: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Predictor {
-    /// Starts the inference thread.
+    /// Starts the inference threads.
     pub fn start(config: BatchingConfig) -> std::io::Result<Self> {
-        let (requests, inbox) = mpsc::sync_channel::<Request>(config.queue.max(1));
-        std::thread::Builder::new()
-            .name("inference".into())
-            .spawn(move || {
-                let mut cache = ModelCache {
-                    capacity: config.cache_capacity.max(1),
-                    max_bytes: config.cache_bytes,
-                    device: config.device,
-                    entries: Vec::new(),
-                };
-                while let Some(batch) = gather(&inbox, &config) {
-                    cache.run(batch);
-                }
-            })?;
-        Ok(Self { requests })
+        let threads = config.threads.max(1);
+        let mut queues = Vec::with_capacity(threads);
+        for i in 0..threads {
+            let (requests, inbox) =
+                mpsc::sync_channel::<Request>(config.queue.div_ceil(threads).max(1));
+            let config = config.clone();
+            std::thread::Builder::new()
+                .name(format!("inference-{i}"))
+                .spawn(move || {
+                    // libtorch's intra-op thread count is per OS thread.
+                    if config.torch_threads > 0 {
+                        tch::set_num_threads(config.torch_threads as i32);
+                    }
+                    let mut cache = ModelCache {
+                        capacity: config.cache_capacity.max(1),
+                        max_bytes: config.cache_bytes,
+                        device: config.device,
+                        entries: Vec::new(),
+                    };
+                    while let Some(batch) = gather(&inbox, &config) {
+                        cache.run(batch);
+                    }
+                })?;
+            queues.push(requests);
+        }
+        Ok(Self {
+            queues: std::sync::Arc::new(queues),
+            next: Default::default(),
+        })
     }
 
     /// Top-`top_k` labels with softmax scores for each image, best first.
@@ -125,26 +147,43 @@ impl Predictor {
         top_k: usize,
     ) -> Result<Vec<Vec<Prediction>>, ServeError> {
         let (reply, answer) = oneshot::channel();
-        self.requests
-            .try_send(Request {
-                model,
-                images,
-                top_k,
-                reply,
-            })
-            .map_err(|err| match err {
-                TrySendError::Full(_) => ServeError::Overloaded,
-                TrySendError::Disconnected(_) => ServeError::Stopped,
-            })?;
-        answer.await.map_err(|_| ServeError::Stopped)?
+        let mut request = Request {
+            model,
+            images,
+            top_k,
+            reply,
+        };
+        let first = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let n = self.queues.len();
+        for i in 0..n {
+            match self.queues[(first + i) % n].try_send(request) {
+                Ok(()) => return answer.await.map_err(|_| ServeError::Stopped)?,
+                Err(TrySendError::Full(back)) => request = back,
+                Err(TrySendError::Disconnected(_)) => return Err(ServeError::Stopped),
+            }
+        }
+        Err(ServeError::Overloaded)
     }
 
-    /// Loads a model now (with a warm-up forward pass) so its first request
-    /// is not slow.
+    /// Loads a model on every inference thread now (with a warm-up forward
+    /// pass) so no first request is slow.
     pub async fn warm_up(&self, model: ModelSpec) -> Result<(), ServeError> {
-        self.predict(model, vec![vec![0; preprocess::STORED_BYTES]], 1)
-            .await
-            .map(|_| ())
+        for queue in self.queues.iter() {
+            let (reply, answer) = oneshot::channel();
+            queue
+                .try_send(Request {
+                    model: model.clone(),
+                    images: vec![vec![0; preprocess::STORED_BYTES]],
+                    top_k: 1,
+                    reply,
+                })
+                .map_err(|err| match err {
+                    TrySendError::Full(_) => ServeError::Overloaded,
+                    TrySendError::Disconnected(_) => ServeError::Stopped,
+                })?;
+            answer.await.map_err(|_| ServeError::Stopped)??;
+        }
+        Ok(())
     }
 }
 

@@ -148,6 +148,8 @@ impl TestApp {
         Self::spawn_with(BatchingConfig {
             device: tch::Device::Cpu,
             cache_capacity: 2,
+            threads: 1,
+            torch_threads: 0,
             cache_bytes: usize::MAX,
             window: Duration::from_millis(2),
             max_batch: 32,

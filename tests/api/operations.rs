@@ -15,6 +15,8 @@ fn batching() -> BatchingConfig {
     BatchingConfig {
         device: tch::Device::Cpu,
         cache_capacity: 1,
+        threads: 1,
+        torch_threads: 0,
         cache_bytes: usize::MAX,
         window: Duration::from_millis(1),
         max_batch: 1,

@@ -27,6 +27,8 @@ async fn a_postgres_restart_mid_training_loses_nothing() {
     let batching = BatchingConfig {
         device: tch::Device::Cpu,
         cache_capacity: 1,
+        threads: 1,
+        torch_threads: 0,
         cache_bytes: usize::MAX,
         window: Duration::from_millis(1),
         max_batch: 1,

@@ -398,6 +398,8 @@ async fn a_full_queue_answers_503_with_retry_after() {
     let app = TestApp::spawn_with(BatchingConfig {
         device: tch::Device::Cpu,
         cache_capacity: 1,
+        threads: 1,
+        torch_threads: 0,
         cache_bytes: usize::MAX,
         window: Duration::ZERO,
         max_batch: 1,

@@ -48,6 +48,8 @@ async fn hosts_share_datasets_checkpoints_and_models_through_the_store() {
     let batching = BatchingConfig {
         device: tch::Device::Cpu,
         cache_capacity: 1,
+        threads: 1,
+        torch_threads: 0,
         cache_bytes: usize::MAX,
         window: Duration::from_millis(1),
         max_batch: 8,
