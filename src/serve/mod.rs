@@ -7,8 +7,8 @@
 //! arrive within a short window, up to a maximum batch, and runs each
 //! model's share as one forward pass.
 
+use crossbeam_channel as channel;
 use std::path::PathBuf;
-use std::sync::mpsc::{self, RecvTimeoutError, TrySendError};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -96,24 +96,23 @@ struct Request {
     reply: oneshot::Sender<Result<Vec<Vec<Prediction>>, ServeError>>,
 }
 
-/// Handle to the inference threads. Each thread has its own queue, model
-/// cache and libtorch thread count; requests go round-robin to a thread with
-/// room.
+/// Handle to the inference threads. They share one bounded queue, so a
+/// request waits only until any thread is free; each thread has its own
+/// model cache and libtorch thread count, and a private line for warm-ups.
 #[derive(Clone)]
 pub struct Predictor {
-    queues: std::sync::Arc<Vec<mpsc::SyncSender<Request>>>,
-    next: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    queue: channel::Sender<Request>,
+    warm_ups: std::sync::Arc<Vec<channel::Sender<Request>>>,
 }
 
 impl Predictor {
     /// Starts the inference threads.
     pub fn start(config: BatchingConfig) -> std::io::Result<Self> {
-        let threads = config.threads.max(1);
-        let mut queues = Vec::with_capacity(threads);
-        for i in 0..threads {
-            let (requests, inbox) =
-                mpsc::sync_channel::<Request>(config.queue.div_ceil(threads).max(1));
-            let config = config.clone();
+        let (queue, inbox) = channel::bounded::<Request>(config.queue.max(1));
+        let mut warm_ups = Vec::new();
+        for i in 0..config.threads.max(1) {
+            let (warm_up, own) = channel::bounded::<Request>(4);
+            let (inbox, config) = (inbox.clone(), config.clone());
             std::thread::Builder::new()
                 .name(format!("inference-{i}"))
                 .spawn(move || {
@@ -127,15 +126,15 @@ impl Predictor {
                         device: config.device,
                         entries: Vec::new(),
                     };
-                    while let Some(batch) = gather(&inbox, &config) {
+                    while let Some(batch) = next_batch(&inbox, &own, &config) {
                         cache.run(batch);
                     }
                 })?;
-            queues.push(requests);
+            warm_ups.push(warm_up);
         }
         Ok(Self {
-            queues: std::sync::Arc::new(queues),
-            next: Default::default(),
+            queue,
+            warm_ups: std::sync::Arc::new(warm_ups),
         })
     }
 
@@ -147,61 +146,73 @@ impl Predictor {
         top_k: usize,
     ) -> Result<Vec<Vec<Prediction>>, ServeError> {
         let (reply, answer) = oneshot::channel();
-        let mut request = Request {
-            model,
-            images,
-            top_k,
-            reply,
-        };
-        let first = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let n = self.queues.len();
-        for i in 0..n {
-            match self.queues[(first + i) % n].try_send(request) {
-                Ok(()) => return answer.await.map_err(|_| ServeError::Stopped)?,
-                Err(TrySendError::Full(back)) => request = back,
-                Err(TrySendError::Disconnected(_)) => return Err(ServeError::Stopped),
-            }
-        }
-        Err(ServeError::Overloaded)
+        send(
+            &self.queue,
+            Request {
+                model,
+                images,
+                top_k,
+                reply,
+            },
+        )?;
+        answer.await.map_err(|_| ServeError::Stopped)?
     }
 
     /// Loads a model on every inference thread now (with a warm-up forward
     /// pass) so no first request is slow.
     pub async fn warm_up(&self, model: ModelSpec) -> Result<(), ServeError> {
-        for queue in self.queues.iter() {
+        for line in self.warm_ups.iter() {
             let (reply, answer) = oneshot::channel();
-            queue
-                .try_send(Request {
-                    model: model.clone(),
-                    images: vec![vec![0; preprocess::STORED_BYTES]],
-                    top_k: 1,
-                    reply,
-                })
-                .map_err(|err| match err {
-                    TrySendError::Full(_) => ServeError::Overloaded,
-                    TrySendError::Disconnected(_) => ServeError::Stopped,
-                })?;
+            let request = Request {
+                model: model.clone(),
+                images: vec![vec![0; preprocess::STORED_BYTES]],
+                top_k: 1,
+                reply,
+            };
+            send(line, request)?;
             answer.await.map_err(|_| ServeError::Stopped)??;
         }
         Ok(())
     }
 }
 
-/// Waits for a request, then gathers what arrives within the window, up to
-/// the maximum batch. `None` when every handle is gone.
-fn gather(inbox: &mpsc::Receiver<Request>, config: &BatchingConfig) -> Option<Vec<Request>> {
-    let first = inbox.recv().ok()?;
+fn send(queue: &channel::Sender<Request>, request: Request) -> Result<(), ServeError> {
+    queue.try_send(request).map_err(|err| match err {
+        channel::TrySendError::Full(_) => ServeError::Overloaded,
+        channel::TrySendError::Disconnected(_) => ServeError::Stopped,
+    })
+}
+
+/// The next batch for this thread: a warm-up of its own, or requests from
+/// the shared queue. `None` when every handle is gone.
+fn next_batch(
+    inbox: &channel::Receiver<Request>,
+    own: &channel::Receiver<Request>,
+    config: &BatchingConfig,
+) -> Option<Vec<Request>> {
+    channel::select! {
+        recv(own) -> warm_up => warm_up.ok().map(|r| vec![r]),
+        recv(inbox) -> first => gather(first.ok()?, inbox, config),
+    }
+}
+
+/// Gathers what arrives within the window after `first`, up to the maximum
+/// batch.
+fn gather(
+    first: Request,
+    inbox: &channel::Receiver<Request>,
+    config: &BatchingConfig,
+) -> Option<Vec<Request>> {
     let deadline = Instant::now() + config.window;
     let mut images = first.images.len();
     let mut batch = vec![first];
     while images < config.max_batch {
-        let wait = deadline.saturating_duration_since(Instant::now());
-        match inbox.recv_timeout(wait) {
+        match inbox.recv_deadline(deadline) {
             Ok(request) => {
                 images += request.images.len();
                 batch.push(request);
             }
-            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+            Err(_) => break,
         }
     }
     Some(batch)
