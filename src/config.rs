@@ -70,10 +70,11 @@ pub struct Config {
     #[arg(long, env = "FINETUNED_MAX_BATCH", default_value_t = 0)]
     pub max_batch: usize,
 
-    /// Inference threads for `/predict`, each running its own forward passes
-    /// with cores / threads libtorch threads (and its own copy of the models
-    /// in use). 0: one per core on the CPU (measured: more throughput than one
-    /// thread using every core), one on a GPU.
+    /// Inference threads for `/predict`, sharing one queue, each with its
+    /// own copy of the models in use. A forward pass running alone uses every
+    /// core; concurrent ones split the cores. 0: one per core on the CPU
+    /// (measured: more throughput than one thread using every core), one on
+    /// a GPU.
     #[arg(long, env = "FINETUNED_INFERENCE_THREADS", default_value_t = 0)]
     pub inference_threads: usize,
 
@@ -150,7 +151,7 @@ impl Config {
             device,
             threads,
             torch_threads: match device {
-                tch::Device::Cpu => (cores / threads).max(1),
+                tch::Device::Cpu => cores,
                 _ => 0,
             },
             cache_capacity: self.model_cache_models.max(1),

@@ -73,7 +73,9 @@ pub struct BatchingConfig {
     pub device: Device,
     /// Inference threads, each with its own copy of the models in use.
     pub threads: usize,
-    /// libtorch intra-op threads per inference thread (0: libtorch's default).
+    /// Cores the inference threads share for libtorch's intra-op threads: a
+    /// forward pass running alone uses all of them, concurrent ones split
+    /// them (0: leave libtorch's default).
     pub torch_threads: usize,
     /// Loaded models kept in memory, at most.
     pub cache_capacity: usize,
@@ -109,17 +111,14 @@ impl Predictor {
     /// Starts the inference threads.
     pub fn start(config: BatchingConfig) -> std::io::Result<Self> {
         let (queue, inbox) = channel::bounded::<Request>(config.queue.max(1));
+        let busy = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let mut warm_ups = Vec::new();
         for i in 0..config.threads.max(1) {
             let (warm_up, own) = channel::bounded::<Request>(4);
-            let (inbox, config) = (inbox.clone(), config.clone());
+            let (inbox, config, busy) = (inbox.clone(), config.clone(), busy.clone());
             std::thread::Builder::new()
                 .name(format!("inference-{i}"))
                 .spawn(move || {
-                    // libtorch's intra-op thread count is per OS thread.
-                    if config.torch_threads > 0 {
-                        tch::set_num_threads(config.torch_threads as i32);
-                    }
                     let mut cache = ModelCache {
                         capacity: config.cache_capacity.max(1),
                         max_bytes: config.cache_bytes,
@@ -127,7 +126,15 @@ impl Predictor {
                         entries: Vec::new(),
                     };
                     while let Some(batch) = next_batch(&inbox, &own, &config) {
+                        let running = busy.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                        // libtorch's intra-op thread count is per OS thread:
+                        // alone, a forward pass takes every core; under load
+                        // the passes split them instead of oversubscribing.
+                        if config.torch_threads > 0 {
+                            tch::set_num_threads((config.torch_threads / running).max(1) as i32);
+                        }
                         cache.run(batch);
+                        busy.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
                     }
                 })?;
             warm_ups.push(warm_up);
