@@ -155,6 +155,7 @@ pub async fn serve(
         }
     }
 
+    sweep_interrupted_uploads(&state).await;
     warm_up_default_model(&state);
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -216,6 +217,30 @@ async fn check_exposure(config: &Config, auth: &Auth) -> anyhow::Result<()> {
              --allow-unauthenticated",
             config.listen
         )
+    }
+}
+
+/// Uploads and ingests cut short by a crash leave files but never a row;
+/// they are removed at start once older than the longest upload.
+async fn sweep_interrupted_uploads(state: &AppState) {
+    let known = match store::datasets::ids(&state.pool).await {
+        Ok(ids) => ids.into_iter().collect(),
+        Err(err) => {
+            tracing::warn!(error = %err, "listing datasets for the sweep failed");
+            return;
+        }
+    };
+    let (artifacts, age) = (state.artifacts.clone(), state.limits.upload_timeout);
+    match tokio::task::spawn_blocking(move || artifacts.sweep(&known, age)).await {
+        Ok(Ok(removed)) if !removed.is_empty() => {
+            tracing::info!(
+                count = removed.len(),
+                ?removed,
+                "removed what interrupted uploads left"
+            )
+        }
+        Ok(Err(err)) => tracing::warn!(error = %err, "sweeping interrupted uploads failed"),
+        _ => {}
     }
 }
 

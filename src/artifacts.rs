@@ -99,6 +99,39 @@ impl Artifacts {
             .join(format!("{}{suffix}", Uuid::new_v4()))
     }
 
+    /// Removes what an interrupted process left behind: files in `tmp/`, and
+    /// dataset directories with no row (`known`), once older than `age`
+    /// (younger ones may belong to an ingest still running elsewhere).
+    /// Returns the paths removed.
+    pub fn sweep(
+        &self,
+        known: &std::collections::HashSet<Uuid>,
+        age: std::time::Duration,
+    ) -> std::io::Result<Vec<PathBuf>> {
+        let stale = |path: &Path| {
+            std::fs::metadata(path)
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().is_ok_and(|e| e > age))
+        };
+        let mut removed = Vec::new();
+        for entry in std::fs::read_dir(self.root.join("tmp"))?.flatten() {
+            if stale(&entry.path()) && std::fs::remove_file(entry.path()).is_ok() {
+                removed.push(entry.path());
+            }
+        }
+        for entry in std::fs::read_dir(self.root.join("datasets"))?.flatten() {
+            let orphan = entry
+                .file_name()
+                .to_str()
+                .and_then(|name| Uuid::parse_str(name).ok())
+                .is_some_and(|id| !known.contains(&id));
+            if orphan && stale(&entry.path()) && std::fs::remove_dir_all(entry.path()).is_ok() {
+                removed.push(entry.path());
+            }
+        }
+        Ok(removed)
+    }
+
     /// Uploads one local file under its key (streamed, multipart when large).
     pub async fn publish(&self, key: &str) -> Result<(), ArtifactError> {
         let Some(remote) = &self.remote else {
@@ -224,5 +257,37 @@ impl Artifacts {
             let _ = tokio::fs::remove_file(&partial).await;
         }
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sweep_removes_only_stale_leftovers_without_rows() {
+        let root = std::env::temp_dir().join(format!("sweep-{}", Uuid::new_v4()));
+        let artifacts = Artifacts::open(&root).unwrap();
+        let (kept, orphan) = (Uuid::new_v4(), Uuid::new_v4());
+        for id in [kept, orphan] {
+            std::fs::create_dir_all(artifacts.path(&Artifacts::dataset_key(id))).unwrap();
+        }
+        let upload = artifacts.temp_file(".upload");
+        std::fs::write(&upload, b"partial").unwrap();
+        let known = [kept].into_iter().collect();
+        // Young leftovers may belong to a running ingest: kept.
+        assert!(artifacts
+            .sweep(&known, std::time::Duration::from_secs(3600))
+            .unwrap()
+            .is_empty());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let removed = artifacts
+            .sweep(&known, std::time::Duration::from_millis(1))
+            .unwrap();
+        assert_eq!(removed.len(), 2, "{removed:?}");
+        assert!(!upload.exists());
+        assert!(!artifacts.path(&Artifacts::dataset_key(orphan)).exists());
+        assert!(artifacts.path(&Artifacts::dataset_key(kept)).exists());
+        std::fs::remove_dir_all(&root).unwrap();
     }
 }

@@ -27,6 +27,12 @@ pub struct Entry {
     pub bytes: Vec<u8>,
 }
 
+/// Archive-bomb bounds: entries, total uncompressed bytes, and how much an
+/// entry may expand (images barely compress, so a high ratio is an attack).
+pub const MAX_ENTRIES: usize = 200_000;
+pub const MAX_TOTAL_BYTES: u64 = 8 * 1024 * 1024 * 1024;
+pub const MAX_RATIO: u64 = 100;
+
 const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"];
 const SPLIT_DIRS: &[(&str, GivenSplit)] = &[
     ("train", GivenSplit::Train),
@@ -45,15 +51,38 @@ pub fn read_zip(path: &Path) -> Result<(Vec<Entry>, Vec<Skipped>), DataError> {
         )
     })?;
 
+    if zip.len() > MAX_ENTRIES {
+        return Err(DataError::invalid(
+            "the archive has too many entries",
+            vec![FieldError::new(
+                "file",
+                format!("{} entries; at most {MAX_ENTRIES}", zip.len()),
+            )],
+        ));
+    }
     let mut files: Vec<(usize, Vec<String>)> = Vec::new();
     let mut skipped = Vec::new();
     let mut unsafe_paths = Vec::new();
+    let mut bombs = Vec::new();
+    let mut total: u64 = 0;
     for index in 0..zip.len() {
         let entry = zip.by_index_raw(index).map_err(corrupt)?;
         if entry.is_dir() {
             continue;
         }
         let name = entry.name().to_string();
+        total = total.saturating_add(entry.size());
+        if entry.size() > entry.compressed_size().max(1024).saturating_mul(MAX_RATIO) {
+            bombs.push(FieldError::new(
+                format!("file:{name}"),
+                format!(
+                    "expands from {} to {} bytes, more than {MAX_RATIO}x (archive bomb)",
+                    entry.compressed_size(),
+                    entry.size()
+                ),
+            ));
+            continue;
+        }
         if entry.enclosed_name().is_none() || entry.is_symlink() {
             unsafe_paths.push(FieldError::new(
                 format!("file:{name}"),
@@ -85,6 +114,18 @@ pub fn read_zip(path: &Path) -> Result<(Vec<Entry>, Vec<Skipped>), DataError> {
             unsafe_paths,
         ));
     }
+    if total > MAX_TOTAL_BYTES {
+        bombs.push(FieldError::new(
+            "file",
+            format!("{total} bytes uncompressed; at most {MAX_TOTAL_BYTES}"),
+        ));
+    }
+    if !bombs.is_empty() {
+        return Err(DataError::invalid(
+            "the archive expands beyond its limits",
+            bombs,
+        ));
+    }
 
     strip_wrapper_folder(&mut files);
     let split_layout = files
@@ -108,9 +149,11 @@ pub fn read_zip(path: &Path) -> Result<(Vec<Entry>, Vec<Skipped>), DataError> {
                 continue;
             }
         };
-        let mut entry = zip.by_index(index).map_err(corrupt)?;
-        let mut bytes = Vec::with_capacity(entry.size() as usize);
-        if let Err(err) = entry.read_to_end(&mut bytes) {
+        let entry = zip.by_index(index).map_err(corrupt)?;
+        let declared = entry.size();
+        let mut bytes = Vec::with_capacity(declared as usize);
+        // Never more than the header declared, whatever the stream holds.
+        if let Err(err) = entry.take(declared).read_to_end(&mut bytes) {
             skipped.push(Skipped::new(
                 &name,
                 format!("unreadable in the archive: {err}"),

@@ -12,6 +12,7 @@
 use std::io::Cursor;
 
 use fast_image_resize as fir;
+use image::ImageDecoder;
 use image::{DynamicImage, ImageReader, Limits};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
@@ -49,13 +50,18 @@ pub fn decode_canonical(bytes: &[u8]) -> Result<Vec<u8>, String> {
     let mut limits = Limits::default();
     limits.max_alloc = Some(MAX_PIXELS * 4);
     reader.limits(limits);
-    let (width, height) = reader.into_dimensions().map_err(|e| e.to_string())?;
+    // The header's size is checked before any pixel is decoded
+    // (decompression bombs), and the camera's EXIF orientation applied.
+    let mut decoder = reader.into_decoder().map_err(|e| e.to_string())?;
+    let (width, height) = decoder.dimensions();
     if u64::from(width) * u64::from(height) > MAX_PIXELS {
         return Err(format!(
             "{width}x{height} pixels is more than the {MAX_PIXELS}-pixel limit"
         ));
     }
-    let image = image::load_from_memory(bytes).map_err(|e| e.to_string())?;
+    let orientation = decoder.orientation().map_err(|e| e.to_string())?;
+    let mut image = DynamicImage::from_decoder(decoder).map_err(|e| e.to_string())?;
+    image.apply_orientation(orientation);
     let rgb = DynamicImage::ImageRgb8(image.into_rgb8());
     let mut square = fir::images::Image::new(STORED_SIZE, STORED_SIZE, fir::PixelType::U8x3);
     // Shorter side to 256, centered crop to a square; bilinear with the
@@ -144,4 +150,59 @@ pub fn stack_canonical(images: &[Vec<u8>]) -> Tensor {
     let side = i64::from(STORED_SIZE);
     let flat: Vec<u8> = images.concat();
     Tensor::from_slice(&flat).view([images.len() as i64, 3, side, side])
+}
+
+#[cfg(test)]
+mod exif_tests {
+    use super::*;
+
+    /// A JPEG with an EXIF APP1 segment holding only an orientation tag.
+    fn jpeg_with_orientation(img: &image::RgbImage, orientation: u16) -> Vec<u8> {
+        let mut jpeg = Vec::new();
+        img.write_to(&mut Cursor::new(&mut jpeg), image::ImageFormat::Jpeg)
+            .unwrap();
+        let mut tiff = b"II*\0\x08\0\0\0".to_vec(); // little endian, IFD at 8
+        tiff.extend_from_slice(&1u16.to_le_bytes()); // one entry
+        tiff.extend_from_slice(&0x0112u16.to_le_bytes()); // Orientation
+        tiff.extend_from_slice(&3u16.to_le_bytes()); // SHORT
+        tiff.extend_from_slice(&1u32.to_le_bytes());
+        tiff.extend_from_slice(&orientation.to_le_bytes());
+        tiff.extend_from_slice(&[0, 0]);
+        tiff.extend_from_slice(&0u32.to_le_bytes()); // no next IFD
+        let mut app1 = b"Exif\0\0".to_vec();
+        app1.extend_from_slice(&tiff);
+        let mut out = jpeg[..2].to_vec(); // SOI
+        out.extend_from_slice(&[0xFF, 0xE1]);
+        out.extend_from_slice(&((app1.len() + 2) as u16).to_be_bytes());
+        out.extend_from_slice(&app1);
+        out.extend_from_slice(&jpeg[2..]);
+        out
+    }
+
+    #[test]
+    fn exif_orientation_is_applied() {
+        // Left half red, right half blue; orientation 6 shows it rotated 90°
+        // clockwise: red on top, blue below.
+        let img = image::RgbImage::from_fn(200, 100, |x, _| {
+            if x < 100 {
+                image::Rgb([220, 20, 20])
+            } else {
+                image::Rgb([20, 20, 220])
+            }
+        });
+        let pixel = |chw: &[u8], row: usize, col: usize| {
+            let plane = (STORED_SIZE * STORED_SIZE) as usize;
+            let i = row * STORED_SIZE as usize + col;
+            (chw[i], chw[2 * plane + i])
+        };
+        let rotated = decode_canonical(&jpeg_with_orientation(&img, 6)).unwrap();
+        let (r, b) = pixel(&rotated, 10, 60);
+        assert!(r > 150 && b < 100, "top should be red: r={r} b={b}");
+        let (r, b) = pixel(&rotated, 245, 60);
+        assert!(b > 150 && r < 100, "bottom should be blue: r={r} b={b}");
+        // Without the tag the same spot is red (the left half).
+        let plain = decode_canonical(&jpeg_with_orientation(&img, 1)).unwrap();
+        let (r, _) = pixel(&plain, 245, 60);
+        assert!(r > 150);
+    }
 }

@@ -66,3 +66,10 @@ pub async fn list(pool: &PgPool) -> sqlx::Result<Vec<DatasetRow>> {
         .fetch_all(pool)
         .await
 }
+
+/// Every dataset id.
+pub async fn ids(pool: &PgPool) -> sqlx::Result<Vec<Uuid>> {
+    sqlx::query_scalar("SELECT id FROM datasets")
+        .fetch_all(pool)
+        .await
+}

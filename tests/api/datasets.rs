@@ -143,6 +143,24 @@ async fn bad_uploads_get_problems_and_store_nothing() {
         .unwrap()
         .contains("../evil/0.png"));
 
+    // An archive bomb: 20 MB of zeros posing as a photo deflates a
+    // thousandfold; it is refused from the zip's headers, before inflating.
+    let bomb = app
+        .upload_dataset(zip(&[
+            ("disc/bomb.png".to_string(), vec![0u8; 20 << 20]),
+            (
+                "square/0.png".to_string(),
+                encode(&render(1, 0, 32), ImageFormat::Png),
+            ),
+        ]))
+        .await;
+    let errors = bomb.assert_problem(StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(errors[0]["path"], "file:disc/bomb.png");
+    assert!(errors[0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("archive bomb"));
+
     let no_file = app
         .post_multipart("/datasets", &[Part::text("name", "flowers")])
         .await;
