@@ -183,6 +183,22 @@ impl Artifacts {
         }
     }
 
+    /// Removes every object under a key directory from the store.
+    pub async fn unpublish_dir(&self, key: &str) -> Result<(), ArtifactError> {
+        let Some(remote) = &self.remote else {
+            return Ok(());
+        };
+        let mut listing = remote.list(Some(&ObjectPath::from(key)));
+        let mut locations = Vec::new();
+        while let Some(meta) = listing.next().await {
+            locations.push(meta?.location);
+        }
+        for location in locations {
+            self.unpublish(location.as_ref()).await?;
+        }
+        Ok(())
+    }
+
     /// Makes sure every object under `key` (a file or a directory) is in the
     /// local cache, downloading what is missing. Returns the local path.
     pub async fn fetch(&self, key: &str) -> Result<PathBuf, ArtifactError> {

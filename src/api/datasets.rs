@@ -160,6 +160,35 @@ pub async fn get(
         .ok_or_else(|| ApiError::NotFound(format!("no dataset with id {id}")))
 }
 
+/// Deletes a dataset's files, and its row unless jobs or models refer to it
+/// (then it stays, `deleted`, for their lineage). 409 while a queued or
+/// running job uses it.
+pub async fn delete(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let id = parse_id(&id, "dataset")?;
+    let deletion = store::delete(&state.pool, id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no dataset with id {id}")))?;
+    if let store::Deletion::InUse(jobs) = deletion {
+        let jobs: Vec<String> = jobs.iter().map(Uuid::to_string).collect();
+        return Err(ApiError::Conflict(format!(
+            "dataset {id} is used by queued or running jobs ({}); cancel them first",
+            jobs.join(", ")
+        )));
+    }
+    let key = Artifacts::dataset_key(id);
+    remove_path(&state.artifacts.path(&key));
+    state
+        .artifacts
+        .unpublish_dir(&key)
+        .await
+        .map_err(|err| ApiError::Internal(err.into()))?;
+    tracing::info!(dataset_id = %id, "dataset deleted");
+    Ok(StatusCode::NO_CONTENT)
+}
+
 pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<DatasetRow>>, ApiError> {
     Ok(Json(store::list(&state.pool).await?))
 }

@@ -107,7 +107,8 @@ pub async fn create(
     let job = request
         .validate(&state.weights_dir)
         .map_err(|errors| ApiError::invalid("the job configuration is invalid", errors))?;
-    if datasets::get(&state.pool, job.dataset_id).await?.is_none() {
+    let dataset = datasets::get(&state.pool, job.dataset_id).await?;
+    if dataset.is_none_or(|d| d.status == "deleted") {
         return Err(ApiError::invalid(
             "the job configuration is invalid",
             vec![FieldError::new(

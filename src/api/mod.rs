@@ -74,7 +74,10 @@ pub fn router(state: AppState) -> Router {
             limits::deadline,
         ));
     let router = Router::new()
-        .route("/datasets/{id}", get(datasets::get))
+        .route(
+            "/datasets/{id}",
+            get(datasets::get).delete(datasets::delete),
+        )
         .route("/jobs", post(jobs::create).get(jobs::list))
         .route("/jobs/{id}", get(jobs::get))
         .route("/jobs/{id}/metrics", get(jobs::metrics))

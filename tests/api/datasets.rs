@@ -203,3 +203,57 @@ async fn unknown_dataset_ids_are_not_found() {
         .await
         .assert_problem(StatusCode::NOT_FOUND);
 }
+
+#[tokio::test]
+async fn deleting_a_dataset_removes_its_files_but_not_what_refers_to_it() {
+    let app = TestApp::spawn().await;
+    let delete = |id: &str| {
+        axum::http::Request::delete(format!("/datasets/{id}"))
+            .body(axum::body::Body::empty())
+            .unwrap()
+    };
+
+    // Unused: row and files go.
+    let unused = app.shapes_dataset(4, 32).await;
+    assert_eq!(
+        app.send(delete(&unused)).await.status,
+        StatusCode::NO_CONTENT
+    );
+    app.get(&format!("/datasets/{unused}"))
+        .await
+        .assert_problem(StatusCode::NOT_FOUND);
+    assert!(app.files_under(&format!("datasets/{unused}")).is_empty());
+    app.send(delete(&unused))
+        .await
+        .assert_problem(StatusCode::NOT_FOUND);
+
+    // In use by a queued job: refused, nothing touched.
+    let used = app.shapes_dataset(4, 32).await;
+    let job = app
+        .submit_job(serde_json::json!({ "dataset_id": used, "epochs": 1 }))
+        .await;
+    let refused = app.send(delete(&used)).await;
+    refused.assert_problem(StatusCode::CONFLICT);
+    assert!(refused.json["detail"].as_str().unwrap().contains(&job));
+    assert!(!app.files_under(&format!("datasets/{used}")).is_empty());
+
+    // Once the job has ended the files go, and the row stays for lineage.
+    app.post_empty(&format!("/jobs/{job}/cancel")).await;
+    assert_eq!(app.send(delete(&used)).await.status, StatusCode::NO_CONTENT);
+    assert!(app.files_under(&format!("datasets/{used}")).is_empty());
+    assert_eq!(
+        app.get(&format!("/datasets/{used}")).await.json["status"],
+        "deleted"
+    );
+    let listed = app.get("/datasets").await;
+    assert!(
+        listed.json.as_array().unwrap().is_empty(),
+        "{:?}",
+        listed.json
+    );
+    let errors = app
+        .post_json("/jobs", &serde_json::json!({ "dataset_id": used }))
+        .await
+        .assert_problem(StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(errors[0]["path"], "dataset_id");
+}
