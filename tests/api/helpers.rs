@@ -134,6 +134,20 @@ fn cache_dir() -> PathBuf {
     PathBuf::from(home).join(".cache/finetuned")
 }
 
+/// A small inference setup for tests that do not study batching.
+pub fn small_batching() -> BatchingConfig {
+    BatchingConfig {
+        device: tch::Device::Cpu,
+        threads: 1,
+        torch_threads: 0,
+        cache_capacity: 1,
+        cache_bytes: usize::MAX,
+        window: Duration::from_millis(1),
+        max_batch: 4,
+        queue: 8,
+    }
+}
+
 pub struct TestApp {
     pub router: Router,
     pub pool: PgPool,

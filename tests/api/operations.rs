@@ -6,23 +6,9 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
 use finetuned::auth::{self, Scope};
-use finetuned::serve::BatchingConfig;
 use serde_json::json;
 
-use crate::helpers::{shapes_zip, Part, Reply, TestApp};
-
-fn batching() -> BatchingConfig {
-    BatchingConfig {
-        device: tch::Device::Cpu,
-        cache_capacity: 1,
-        threads: 1,
-        torch_threads: 0,
-        cache_bytes: usize::MAX,
-        window: Duration::from_millis(1),
-        max_batch: 1,
-        queue: 4,
-    }
-}
+use crate::helpers::{shapes_zip, small_batching, Part, Reply, TestApp};
 
 async fn with_token(app: &TestApp, method: &str, path: &str, token: Option<&str>) -> Reply {
     let mut request = Request::builder().method(method).uri(path);
@@ -209,7 +195,8 @@ async fn metrics_expose_requests_and_queue_depth() {
 #[tokio::test]
 async fn readiness_fails_without_the_weights() {
     let empty = std::env::temp_dir().join(format!("no-weights-{}", uuid::Uuid::new_v4()));
-    let app = TestApp::spawn_custom(batching(), |state| state.weights_dir = empty.clone()).await;
+    let app =
+        TestApp::spawn_custom(small_batching(), |state| state.weights_dir = empty.clone()).await;
     let reply = app.get("/readyz").await;
     reply.assert_problem(StatusCode::SERVICE_UNAVAILABLE);
     assert!(reply.json["detail"]
@@ -239,7 +226,7 @@ async fn request_ids_are_echoed_or_made() {
 
 #[tokio::test]
 async fn an_upload_past_its_deadline_is_refused_and_leaves_nothing() {
-    let app = TestApp::spawn_custom(batching(), |state| {
+    let app = TestApp::spawn_custom(small_batching(), |state| {
         state.limits.upload_timeout = Duration::from_millis(1);
     })
     .await;
@@ -283,7 +270,7 @@ async fn cors_is_off_unless_origins_are_configured() {
         .get(header::ACCESS_CONTROL_ALLOW_ORIGIN)
         .is_none());
 
-    let open = TestApp::spawn_custom(batching(), |state| {
+    let open = TestApp::spawn_custom(small_batching(), |state| {
         state.limits.cors_origins = vec!["https://app.example".into()];
     })
     .await;

@@ -4,7 +4,6 @@
 
 use std::time::Duration;
 
-use finetuned::serve::BatchingConfig;
 use finetuned::store::{self, EmbeddedPostgres};
 use serde_json::json;
 
@@ -24,18 +23,8 @@ async fn a_postgres_restart_mid_training_loses_nothing() {
     };
     let pg = tokio::task::spawn_blocking(start.clone()).await.unwrap();
     let pool = store::connect(&pg.url()).await.expect("connects");
-    let batching = BatchingConfig {
-        device: tch::Device::Cpu,
-        cache_capacity: 1,
-        threads: 1,
-        torch_threads: 0,
-        cache_bytes: usize::MAX,
-        window: Duration::from_millis(1),
-        max_batch: 1,
-        queue: 4,
-    };
     let app_pool = pool.clone();
-    let app = TestApp::spawn_custom(batching, move |state| {
+    let app = TestApp::spawn_custom(crate::helpers::small_batching(), move |state| {
         state.auth = finetuned::auth::Auth::new(app_pool.clone());
         state.pool = app_pool;
     })

@@ -12,6 +12,20 @@ use crate::helpers::{fixtures_dir, weights_dir};
 const ESPRESSO: i64 = 967;
 const CATS: [i64; 3] = [281, 282, 285]; // tabby, tiger cat, Egyptian cat
 
+/// scikit-image's `coffee` and `chelsea` through the service's
+/// preprocessing, as model input at 224.
+fn photos() -> tch::Tensor {
+    let photos = ["coffee.png", "chelsea.png"].map(|name| {
+        let bytes = std::fs::read(fixtures_dir().join(name)).expect("photo (run scripts/setup)");
+        preprocess::decode_canonical(&bytes).expect("decodes")
+    });
+    preprocess::model_input(
+        &preprocess::stack_canonical(&photos),
+        224,
+        &Normalization::IMAGENET,
+    )
+}
+
 #[test]
 fn imagenet_mobilenet_v2_recognises_real_photos() {
     let mut vs = nn::VarStore::new(tch::Device::Cpu);
@@ -26,15 +40,7 @@ fn imagenet_mobilenet_v2_recognises_real_photos() {
         .expect("weights load by torchvision name (run scripts/setup)");
     assert_eq!(vs.variables().len(), 262);
 
-    let photos = ["coffee.png", "chelsea.png"].map(|name| {
-        let bytes = std::fs::read(fixtures_dir().join(name)).expect("photo (run scripts/setup)");
-        preprocess::decode_canonical(&bytes).expect("decodes")
-    });
-    let input = preprocess::model_input(
-        &preprocess::stack_canonical(&photos),
-        224,
-        &Normalization::IMAGENET,
-    );
+    let input = photos();
     let probs = tch::no_grad(|| {
         classifier
             .forward(&features.forward_t(&input, false))
@@ -80,15 +86,7 @@ fn the_folded_serving_network_equals_the_trained_one() {
     std::fs::remove_file(&checkpoint).unwrap();
     let net = spec.folded(&vars).expect("folds");
 
-    let photos = ["coffee.png", "chelsea.png"].map(|name| {
-        let bytes = std::fs::read(fixtures_dir().join(name)).expect("photo (run scripts/setup)");
-        preprocess::decode_canonical(&bytes).expect("decodes")
-    });
-    let input = preprocess::model_input(
-        &preprocess::stack_canonical(&photos),
-        224,
-        &Normalization::IMAGENET,
-    );
+    let input = photos();
     let (trained, folded) =
         tch::no_grad(|| (classifier.forward_t(&input, false), net.forward(&input)));
     let diff = (&trained - &folded).abs().max().double_value(&[]);

@@ -313,39 +313,14 @@ async fn export_is_a_zip_of_weights_and_the_preprocessing_contract() {
         &image::RgbImage::from_raw(side, side, hwc).unwrap(),
         ImageFormat::Png,
     );
-    let dir = std::env::temp_dir().join(format!("export-{model}"));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("model.zip"), &reply.body).unwrap();
-    std::fs::write(dir.join("image.png"), &canonical_png).unwrap();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/api/load_export.py");
-    let out = std::process::Command::new(torch_python())
-        .arg(script)
-        .arg(dir.join("model.zip"))
-        .arg(dir.join("image.png"))
-        .output()
-        .expect("the virtualenv's python runs (scripts/setup)");
-    let _ = std::fs::remove_dir_all(&dir);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let pytorch: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let pytorch = score_export("load_export.py", &reply.body, &canonical_png);
     let served = app
         .post_multipart(
             &format!("/predict?model={model}"),
             &[Part::file("image", "x.png", png)],
         )
         .await;
-    for p in served.json["results"][0]["predictions"].as_array().unwrap() {
-        let ours = p["score"].as_f64().unwrap();
-        let theirs = pytorch[p["label"].as_str().unwrap()].as_f64().unwrap();
-        assert!(
-            (ours - theirs).abs() < 1e-4,
-            "{}: finetuned {ours} vs PyTorch {theirs}",
-            p["label"]
-        );
-    }
+    assert_same_scores(&served.json, &pytorch, 1e-4);
 
     // The TorchScript export carries the network and the preprocessing after
     // decoding: PyTorch alone gives /predict's scores for the canonical image.
@@ -358,13 +333,23 @@ async fn export_is_a_zip_of_weights_and_the_preprocessing_contract() {
         "{}",
         String::from_utf8_lossy(&reply.body)
     );
-    let dir = std::env::temp_dir().join(format!("export-ts-{model}"));
+    let traced = score_export("load_torchscript.py", &reply.body, &canonical_png);
+    assert_same_scores(&served.json, &traced, 1e-5);
+
+    app.get(&format!("/models/{model}/export?format=onnx"))
+        .await
+        .assert_problem(StatusCode::UNPROCESSABLE_ENTITY);
+}
+
+/// Runs a script of `tests/api` on an exported zip and a canonical PNG in
+/// the torch virtualenv; returns the scores by label it prints.
+fn score_export(script: &str, zip: &[u8], canonical_png: &[u8]) -> Value {
+    let dir = std::env::temp_dir().join(format!("export-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("model.zip"), &reply.body).unwrap();
-    std::fs::write(dir.join("image.png"), &canonical_png).unwrap();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/api/load_torchscript.py");
+    std::fs::write(dir.join("model.zip"), zip).unwrap();
+    std::fs::write(dir.join("image.png"), canonical_png).unwrap();
     let out = std::process::Command::new(torch_python())
-        .arg(script)
+        .arg(format!("{}/tests/api/{script}", env!("CARGO_MANIFEST_DIR")))
         .arg(dir.join("model.zip"))
         .arg(dir.join("image.png"))
         .output()
@@ -372,24 +357,24 @@ async fn export_is_a_zip_of_weights_and_the_preprocessing_contract() {
     let _ = std::fs::remove_dir_all(&dir);
     assert!(
         out.status.success(),
-        "{}",
+        "{script}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let traced: Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
-    for p in served.json["results"][0]["predictions"].as_array().unwrap() {
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{script}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+/// Every score `/predict` returned equals the other's for its label.
+fn assert_same_scores(predicted: &Value, other: &Value, tolerance: f64) {
+    for p in predicted["results"][0]["predictions"].as_array().unwrap() {
         let ours = p["score"].as_f64().unwrap();
-        let theirs = traced[p["label"].as_str().unwrap()].as_f64().unwrap();
+        let theirs = other[p["label"].as_str().unwrap()].as_f64().unwrap();
         assert!(
-            (ours - theirs).abs() < 1e-5,
-            "{}: finetuned {ours} vs TorchScript {theirs}",
+            (ours - theirs).abs() < tolerance,
+            "{}: finetuned {ours} vs export {theirs}",
             p["label"]
         );
     }
-
-    app.get(&format!("/models/{model}/export?format=onnx"))
-        .await
-        .assert_problem(StatusCode::UNPROCESSABLE_ENTITY);
 }
 
 #[tokio::test]

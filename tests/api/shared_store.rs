@@ -3,11 +3,9 @@
 //! and the API fetches the model it never saw to serve it.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use axum::http::StatusCode;
 use finetuned::artifacts::Artifacts;
-use finetuned::serve::BatchingConfig;
 use finetuned::train::Worker;
 use image::ImageFormat;
 use serde_json::json;
@@ -45,18 +43,11 @@ async fn hosts_share_datasets_checkpoints_and_models_through_the_store() {
     let url = format!("file://{}", store.display());
     let api_cache: PathBuf = scratch.join("api");
     let remote = |cache: &Path| Artifacts::open_with_remote(cache, &url).expect("store opens");
-    let batching = BatchingConfig {
-        device: tch::Device::Cpu,
-        cache_capacity: 1,
-        threads: 1,
-        torch_threads: 0,
-        cache_bytes: usize::MAX,
-        window: Duration::from_millis(1),
-        max_batch: 8,
-        queue: 8,
-    };
     let api_artifacts = remote(&api_cache);
-    let app = TestApp::spawn_custom(batching, |state| state.artifacts = api_artifacts).await;
+    let app = TestApp::spawn_custom(crate::helpers::small_batching(), |state| {
+        state.artifacts = api_artifacts
+    })
+    .await;
 
     let dataset = app.shapes_dataset(6, 48).await;
     let stored = files(&store);
