@@ -98,7 +98,7 @@ pub async fn create(
     // The ingest owns the cleanup guards: when the request is dropped (client
     // gone, deadline passed) they are dropped after the ingest stops writing.
     let (report, dataset_dir) = tokio::task::spawn_blocking(move || {
-        let report = data::ingest_zip(&upload.0, &dataset_dir.0, &options);
+        let report = data::ingest_archive(&upload.0, &dataset_dir.0, &options);
         drop(upload);
         (report, dataset_dir)
     })
@@ -119,9 +119,7 @@ pub async fn create(
     };
     let name = form
         .name
-        .or(form
-            .filename
-            .map(|f| f.trim_end_matches(".zip").to_string()))
+        .or(form.filename.map(|f| archive_stem(&f).to_string()))
         .unwrap_or_else(|| format!("dataset-{id}"));
     state
         .artifacts
@@ -191,6 +189,14 @@ pub async fn delete(
 
 pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<DatasetRow>>, ApiError> {
     Ok(Json(store::list(&state.pool).await?))
+}
+
+/// An uploaded file's name without its archive extension.
+fn archive_stem(filename: &str) -> &str {
+    [".tar.gz", ".tgz", ".tar", ".zip"]
+        .iter()
+        .find_map(|ext| filename.strip_suffix(ext))
+        .unwrap_or(filename)
 }
 
 fn internal(err: std::io::Error) -> ApiError {

@@ -1,4 +1,4 @@
-//! Reads a zip archive of class folders into labelled image entries.
+//! Reads an uploaded archive (zip, tar or tar.gz) of class folders into labelled image entries.
 //!
 //! Accepted layouts: `class/*`, or `train/class/*` + `val/class/*`, either
 //! one optionally wrapped in a single top-level folder (what zipping a folder
@@ -42,7 +42,7 @@ const SPLIT_DIRS: &[(&str, GivenSplit)] = &[
 ];
 
 /// Reads every image entry of the zip at `path`.
-pub fn read_zip(path: &Path) -> Result<(Vec<Entry>, Vec<Skipped>), DataError> {
+fn read_zip(path: &Path) -> Result<(Vec<Entry>, Vec<Skipped>), DataError> {
     let file = std::fs::File::open(path)?;
     let mut zip = zip::ZipArchive::new(file).map_err(|err| {
         DataError::invalid(
@@ -90,23 +90,9 @@ pub fn read_zip(path: &Path) -> Result<(Vec<Entry>, Vec<Skipped>), DataError> {
             ));
             continue;
         }
-        let parts: Vec<String> = name
-            .split('/')
-            .filter(|p| !p.is_empty())
-            .map(str::to_string)
-            .collect();
-        if is_litter(&parts) {
-            continue;
+        if let Some(parts) = image_parts(&name, &mut skipped) {
+            files.push((index, parts));
         }
-        let extension = parts
-            .last()
-            .and_then(|f| f.rsplit_once('.'))
-            .map(|(_, ext)| ext.to_ascii_lowercase());
-        if !extension.is_some_and(|ext| IMAGE_EXTENSIONS.contains(&ext.as_str())) {
-            skipped.push(Skipped::new(&name, "not an image file"));
-            continue;
-        }
-        files.push((index, parts));
     }
     if !unsafe_paths.is_empty() {
         return Err(DataError::invalid(
@@ -127,28 +113,10 @@ pub fn read_zip(path: &Path) -> Result<(Vec<Entry>, Vec<Skipped>), DataError> {
         ));
     }
 
-    strip_wrapper_folder(&mut files);
-    let split_layout = files
-        .iter()
-        .any(|(_, parts)| parts.len() >= 3 && split_of(&parts[0]).is_some());
-
+    let (labelled, mut skipped_more) = classify(files);
+    skipped.append(&mut skipped_more);
     let mut entries = Vec::new();
-    for (index, parts) in files {
-        let name = parts.join("/");
-        let (split, class) = match (split_layout, parts.len()) {
-            (true, n) if n >= 3 => match split_of(&parts[0]) {
-                Some(split) => (Some(split), parts[1].clone()),
-                None => {
-                    skipped.push(Skipped::new(&name, "outside the train/ and val/ folders"));
-                    continue;
-                }
-            },
-            (false, n) if n >= 2 => (None, parts[0].clone()),
-            _ => {
-                skipped.push(Skipped::new(&name, "not inside a class folder"));
-                continue;
-            }
-        };
+    for (name, class, split, index) in labelled {
         let entry = zip.by_index(index).map_err(corrupt)?;
         let declared = entry.size();
         let mut bytes = Vec::with_capacity(declared as usize);
@@ -168,6 +136,168 @@ pub fn read_zip(path: &Path) -> Result<(Vec<Entry>, Vec<Skipped>), DataError> {
         });
     }
     Ok((entries, skipped))
+}
+
+/// The path's folders and file name when it names an image file; litter is
+/// dropped silently, other files are reported as skipped.
+fn image_parts(name: &str, skipped: &mut Vec<Skipped>) -> Option<Vec<String>> {
+    let parts: Vec<String> = name
+        .split('/')
+        .filter(|p| !p.is_empty() && *p != ".")
+        .map(str::to_string)
+        .collect();
+    if parts.is_empty() || is_litter(&parts) {
+        return None;
+    }
+    let extension = parts
+        .last()
+        .and_then(|f| f.rsplit_once('.'))
+        .map(|(_, ext)| ext.to_ascii_lowercase());
+    if !extension.is_some_and(|ext| IMAGE_EXTENSIONS.contains(&ext.as_str())) {
+        skipped.push(Skipped::new(name, "not an image file"));
+        return None;
+    }
+    Some(parts)
+}
+
+/// Reads an uploaded archive, whichever kind its first bytes say it is:
+/// zip, tar, or gzip-compressed tar.
+pub fn read_archive(path: &Path) -> Result<(Vec<Entry>, Vec<Skipped>), DataError> {
+    let mut head = [0u8; 512];
+    let n = std::fs::File::open(path)?.read(&mut head)?;
+    let head = &head[..n];
+    if head.starts_with(b"PK\x03\x04") || head.starts_with(b"PK\x05\x06") {
+        read_zip(path)
+    } else if head.starts_with(&[0x1f, 0x8b]) {
+        let file = std::fs::File::open(path)?;
+        read_tar(flate2::read::GzDecoder::new(file))
+    } else if head.len() >= 262 && &head[257..262] == b"ustar" {
+        read_tar(std::fs::File::open(path)?)
+    } else {
+        Err(DataError::invalid(
+            "the upload is not a zip, tar or tar.gz archive",
+            vec![FieldError::new(
+                "file",
+                "unrecognised content (the archive's first bytes match no supported format)",
+            )],
+        ))
+    }
+}
+
+/// Reads every image file of a tar stream, bounded like a zip: entries,
+/// total bytes (which for tar.gz bounds the inflation), unsafe paths and
+/// links refused.
+fn read_tar(stream: impl Read) -> Result<(Vec<Entry>, Vec<Skipped>), DataError> {
+    let broken = |err: std::io::Error| {
+        DataError::invalid(
+            "the tar archive is corrupt",
+            vec![FieldError::new("file", err.to_string())],
+        )
+    };
+    let mut archive = tar::Archive::new(stream);
+    let mut files = Vec::new();
+    let mut skipped = Vec::new();
+    let mut unsafe_paths = Vec::new();
+    let mut total: u64 = 0;
+    for (count, entry) in archive.entries().map_err(broken)?.enumerate() {
+        let mut entry = entry.map_err(broken)?;
+        if count >= MAX_ENTRIES {
+            return Err(DataError::invalid(
+                "the archive has too many entries",
+                vec![FieldError::new(
+                    "file",
+                    format!("more than {MAX_ENTRIES} entries"),
+                )],
+            ));
+        }
+        let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        let kind = entry.header().entry_type();
+        let escapes = name.starts_with('/') || name.split('/').any(|p| p == "..");
+        if escapes || kind.is_symlink() || kind.is_hard_link() {
+            unsafe_paths.push(FieldError::new(
+                format!("file:{name}"),
+                "unsafe path (absolute, `..` or link)",
+            ));
+            continue;
+        }
+        if !kind.is_file() {
+            continue;
+        }
+        let Some(parts) = image_parts(&name, &mut skipped) else {
+            continue;
+        };
+        total = total.saturating_add(entry.size());
+        if total > MAX_TOTAL_BYTES {
+            return Err(DataError::invalid(
+                "the archive expands beyond its limits",
+                vec![FieldError::new(
+                    "file",
+                    format!("more than {MAX_TOTAL_BYTES} bytes of images"),
+                )],
+            ));
+        }
+        let mut bytes = Vec::with_capacity(entry.size() as usize);
+        let declared = entry.size();
+        if let Err(err) = (&mut entry).take(declared).read_to_end(&mut bytes) {
+            skipped.push(Skipped::new(
+                &name,
+                format!("unreadable in the archive: {err}"),
+            ));
+            continue;
+        }
+        files.push((bytes, parts));
+    }
+    if !unsafe_paths.is_empty() {
+        return Err(DataError::invalid(
+            "the archive contains unsafe paths",
+            unsafe_paths,
+        ));
+    }
+    let (labelled, mut more) = classify(files);
+    skipped.append(&mut more);
+    let entries = labelled
+        .into_iter()
+        .map(|(path, class, split, bytes)| Entry {
+            path,
+            class,
+            split,
+            bytes,
+        })
+        .collect();
+    Ok((entries, skipped))
+}
+
+/// Drops a wrapper folder and assigns each image file its class and split
+/// from its path; what fits no layout is skipped with the reason.
+#[allow(clippy::type_complexity)]
+fn classify<T>(
+    mut files: Vec<(T, Vec<String>)>,
+) -> (Vec<(String, String, Option<GivenSplit>, T)>, Vec<Skipped>) {
+    strip_wrapper_folder(&mut files);
+    let split_layout = files
+        .iter()
+        .any(|(_, parts)| parts.len() >= 3 && split_of(&parts[0]).is_some());
+    let mut labelled = Vec::new();
+    let mut skipped = Vec::new();
+    for (payload, parts) in files {
+        let name = parts.join("/");
+        let (split, class) = match (split_layout, parts.len()) {
+            (true, n) if n >= 3 => match split_of(&parts[0]) {
+                Some(split) => (Some(split), parts[1].clone()),
+                None => {
+                    skipped.push(Skipped::new(&name, "outside the train/ and val/ folders"));
+                    continue;
+                }
+            },
+            (false, n) if n >= 2 => (None, parts[0].clone()),
+            _ => {
+                skipped.push(Skipped::new(&name, "not inside a class folder"));
+                continue;
+            }
+        };
+        labelled.push((name, class, split, payload));
+    }
+    (labelled, skipped)
 }
 
 fn corrupt(err: zip::result::ZipError) -> DataError {
@@ -195,7 +325,7 @@ fn is_litter(parts: &[String]) -> bool {
 
 /// Zipping a folder wraps everything in it; a single common top folder that
 /// is not itself a split folder is dropped.
-fn strip_wrapper_folder(files: &mut [(usize, Vec<String>)]) {
+fn strip_wrapper_folder<T>(files: &mut [(T, Vec<String>)]) {
     let Some(first) = files.first().map(|(_, parts)| parts[0].clone()) else {
         return;
     };

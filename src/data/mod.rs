@@ -87,14 +87,14 @@ pub struct IngestReport {
 pub const TRAIN_FILE: &str = "train.safetensors";
 pub const VAL_FILE: &str = "val.safetensors";
 
-/// Validates, splits and decodes the zip at `archive`, writing the split
-/// tensors into `out_dir`.
-pub fn ingest_zip(
+/// Validates, splits and decodes the archive (zip, tar or tar.gz) at
+/// `archive`, writing the split tensors into `out_dir`.
+pub fn ingest_archive(
     archive: &Path,
     out_dir: &Path,
     opts: &IngestOptions,
 ) -> Result<IngestReport, DataError> {
-    let (entries, mut skipped) = archive::read_zip(archive)?;
+    let (entries, mut skipped) = archive::read_archive(archive)?;
     let decoded = decode_all(&entries);
 
     let mut images = Vec::with_capacity(entries.len());

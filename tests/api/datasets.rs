@@ -257,3 +257,77 @@ async fn deleting_a_dataset_removes_its_files_but_not_what_refers_to_it() {
         .assert_problem(StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(errors[0]["path"], "dataset_id");
 }
+
+/// A tar of (path, bytes) entries; paths are written as given, unchecked.
+fn tar(entries: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let mut builder = tar::Builder::new(Vec::new());
+    for (path, bytes) in entries {
+        let mut header = tar::Header::new_gnu();
+        let name = &mut header.as_old_mut().name;
+        name[..path.len()].copy_from_slice(path.as_bytes());
+        header.set_size(bytes.len() as u64);
+        header.set_mode(0o644);
+        header.set_entry_type(tar::EntryType::Regular);
+        header.set_cksum();
+        builder.append(&header, bytes.as_slice()).unwrap();
+    }
+    builder.into_inner().unwrap()
+}
+
+fn shapes_entries(per_class: u64, prefix: &str) -> Vec<(String, Vec<u8>)> {
+    let mut entries = Vec::new();
+    for (c, name) in crate::helpers::SHAPES.iter().enumerate() {
+        for i in 0..per_class {
+            entries.push((
+                format!("{prefix}{name}/{i}.png"),
+                encode(&render(c, i, 32), ImageFormat::Png),
+            ));
+        }
+    }
+    entries
+}
+
+#[tokio::test]
+async fn tar_and_tar_gz_archives_are_read_by_their_content() {
+    let app = TestApp::spawn().await;
+    // A plain tar, wrapped in a folder, under a misleading name.
+    let plain = tar(&shapes_entries(4, "photos/"));
+    let reply = app
+        .post_multipart("/datasets", &[Part::file("file", "shapes.zip", plain)])
+        .await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{:?}", reply.json);
+    assert_eq!(
+        reply.json["classes"],
+        serde_json::json!(crate::helpers::SHAPES)
+    );
+    assert_eq!(
+        reply.json["num_train"].as_i64().unwrap() + reply.json["num_val"].as_i64().unwrap(),
+        12
+    );
+
+    // tar.gz
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    std::io::Write::write_all(&mut gz, &tar(&shapes_entries(4, ""))).unwrap();
+    let reply = app
+        .post_multipart(
+            "/datasets",
+            &[Part::file("file", "shapes.tgz", gz.finish().unwrap())],
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{:?}", reply.json);
+
+    // A path escaping the archive is refused, and nothing is stored.
+    let mut evil = shapes_entries(2, "");
+    evil.push((
+        "../evil/0.png".to_string(),
+        encode(&render(0, 9, 32), ImageFormat::Png),
+    ));
+    let before = app.count("datasets").await;
+    let errors = app
+        .post_multipart("/datasets", &[Part::file("file", "evil.tar", tar(&evil))])
+        .await
+        .assert_problem(StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(errors[0]["path"], "file:../evil/0.png");
+    assert_eq!(app.count("datasets").await, before);
+    assert!(app.files_under("tmp").is_empty());
+}
