@@ -2,14 +2,16 @@
 
 use std::path::{Path as FsPath, PathBuf};
 
-use axum::extract::multipart::MultipartRejection;
-use axum::extract::{Multipart, Path, State};
+use axum::extract::{FromRequest, Multipart, Path, Request, State};
 use axum::http::{header, StatusCode};
 use axum::Json;
+use futures_util::StreamExt;
+use serde::Deserialize;
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 use uuid::Uuid;
 
+use super::extract::ApiQuery;
 use super::{parse_id, AppState};
 use crate::artifacts::Artifacts;
 use crate::data::{self, DataError, IngestOptions};
@@ -25,53 +27,42 @@ struct UploadForm {
     filename: Option<String>,
 }
 
-pub async fn create(
-    State(state): State<AppState>,
-    multipart: Result<Multipart, MultipartRejection>,
-) -> Result<
-    (
-        StatusCode,
-        [(header::HeaderName, String); 1],
-        Json<DatasetRow>,
-    ),
-    ApiError,
-> {
-    let mut multipart = multipart?;
-    let upload = RemoveOnDrop(state.artifacts.temp_file(".upload"));
-    let mut form = UploadForm {
-        name: None,
-        options: IngestOptions::default(),
-        archive_bytes: None,
-        filename: None,
-    };
-    let mut errors = Vec::new();
-    while let Some(mut field) = multipart.next_field().await? {
-        let field_name = field.name().unwrap_or_default().to_string();
-        match field_name.as_str() {
-            "file" => {
-                form.filename = field.file_name().map(str::to_string);
-                // Created here, not on a blocking thread: a request dropped
-                // mid-create would leave the file after its guard ran.
-                let file = std::fs::File::create(&upload.0).map_err(internal)?;
-                let mut file = tokio::fs::File::from_std(file);
-                let mut written = 0u64;
-                while let Some(chunk) = field.chunk().await? {
-                    written += chunk.len() as u64;
-                    file.write_all(&chunk).await.map_err(internal)?;
-                }
-                file.flush().await.map_err(internal)?;
-                form.archive_bytes = Some(written);
-            }
-            "name" => form.name = Some(field.text().await?),
-            "val_fraction" => match field.text().await?.trim().parse::<f64>() {
-                Ok(v) if (0.05..=0.5).contains(&v) => form.options.val_fraction = v,
+/// Upload settings as query parameters, for raw-body uploads (form fields
+/// of the same names take precedence in multipart uploads).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UploadParams {
+    name: Option<String>,
+    val_fraction: Option<String>,
+    seed: Option<String>,
+}
+
+/// Content types of a raw-body upload (the archive's kind is read from its
+/// bytes either way).
+const ARCHIVE_TYPES: &[&str] = &[
+    "application/zip",
+    "application/x-zip-compressed",
+    "application/x-tar",
+    "application/gzip",
+    "application/x-gzip",
+    "application/x-compressed-tar",
+    "application/octet-stream",
+];
+
+impl UploadForm {
+    /// Applies one text setting (form field or query parameter).
+    fn set(&mut self, field: &str, value: &str, errors: &mut Vec<FieldError>) {
+        match field {
+            "name" => self.name = Some(value.to_string()),
+            "val_fraction" => match value.trim().parse::<f64>() {
+                Ok(v) if (0.05..=0.5).contains(&v) => self.options.val_fraction = v,
                 _ => errors.push(FieldError::new(
                     "val_fraction",
                     "must be a number in [0.05, 0.5]",
                 )),
             },
-            "seed" => match field.text().await?.trim().parse::<u64>() {
-                Ok(v) => form.options.seed = v,
+            "seed" => match value.trim().parse::<u64>() {
+                Ok(v) => self.options.seed = v,
                 Err(_) => errors.push(FieldError::new("seed", "must be a non-negative integer")),
             },
             other => errors.push(FieldError::new(
@@ -80,10 +71,103 @@ pub async fn create(
             )),
         }
     }
+}
+
+/// Streams chunks into a new file at `path`, refusing more than `limit`
+/// bytes. Returns the bytes written.
+async fn write_upload(
+    path: &FsPath,
+    mut chunks: impl futures_util::Stream<Item = Result<axum::body::Bytes, ApiError>> + Unpin,
+    limit: usize,
+) -> Result<u64, ApiError> {
+    // Created here, not on a blocking thread: a request dropped mid-create
+    // would leave the file after its guard ran.
+    let file = std::fs::File::create(path).map_err(internal)?;
+    let mut file = tokio::fs::File::from_std(file);
+    let mut written = 0u64;
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk?;
+        written += chunk.len() as u64;
+        if written > limit as u64 {
+            return Err(ApiError::PayloadTooLarge(format!(
+                "the upload is larger than the {limit}-byte limit"
+            )));
+        }
+        file.write_all(&chunk).await.map_err(internal)?;
+    }
+    file.flush().await.map_err(internal)?;
+    Ok(written)
+}
+
+pub async fn create(
+    State(state): State<AppState>,
+    ApiQuery(params): ApiQuery<UploadParams>,
+    request: Request,
+) -> Result<
+    (
+        StatusCode,
+        [(header::HeaderName, String); 1],
+        Json<DatasetRow>,
+    ),
+    ApiError,
+> {
+    let upload = RemoveOnDrop(state.artifacts.temp_file(".upload"));
+    let mut form = UploadForm {
+        name: None,
+        options: IngestOptions::default(),
+        archive_bytes: None,
+        filename: None,
+    };
+    let mut errors = Vec::new();
+    for (field, value) in [
+        ("name", &params.name),
+        ("val_fraction", &params.val_fraction),
+        ("seed", &params.seed),
+    ] {
+        if let Some(value) = value {
+            form.set(field, value, &mut errors);
+        }
+    }
+    let content_type = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    let limit = state.limits.max_upload_bytes;
+    if content_type == "multipart/form-data" {
+        let mut multipart = Multipart::from_request(request, &state)
+            .await
+            .map_err(ApiError::from)?;
+        while let Some(mut field) = multipart.next_field().await? {
+            let field_name = field.name().unwrap_or_default().to_string();
+            if field_name == "file" {
+                form.filename = field.file_name().map(str::to_string);
+                let chunks = (&mut field).map(|chunk| chunk.map_err(ApiError::from));
+                form.archive_bytes = Some(write_upload(&upload.0, chunks, limit).await?);
+            } else {
+                let value = field.text().await?;
+                form.set(&field_name, &value, &mut errors);
+            }
+        }
+    } else if ARCHIVE_TYPES.contains(&content_type.as_str()) {
+        let chunks = request.into_body().into_data_stream().map(|chunk| {
+            chunk.map_err(|e| ApiError::BadRequest(format!("reading the upload: {e}")))
+        });
+        form.archive_bytes = Some(write_upload(&upload.0, chunks, limit).await?);
+    } else {
+        return Err(ApiError::UnsupportedMediaType(format!(
+            "content type {content_type:?} is not accepted; send multipart/form-data with a `file` part, or the archive itself as application/zip, application/x-tar or application/gzip"
+        )));
+    }
     let Some(bytes) = form.archive_bytes else {
         errors.push(FieldError::new(
             "file",
-            "missing: attach the zip archive as the `file` form field",
+            "missing: attach the archive as the `file` form field, or send it as the body",
         ));
         return Err(ApiError::invalid("the upload is incomplete", errors));
     };

@@ -331,3 +331,40 @@ async fn tar_and_tar_gz_archives_are_read_by_their_content() {
     assert_eq!(app.count("datasets").await, before);
     assert!(app.files_under("tmp").is_empty());
 }
+
+#[tokio::test]
+async fn an_archive_can_be_the_raw_body_with_settings_as_query_parameters() {
+    let app = TestApp::spawn_custom(crate::helpers::small_batching(), |state| {
+        state.limits.max_upload_bytes = 2 * 1024 * 1024;
+    })
+    .await;
+    let reply = app
+        .post_bytes(
+            "/datasets?name=raw&val_fraction=0.25&seed=3",
+            "application/zip",
+            shapes_zip(4, 32),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{:?}", reply.json);
+    assert_eq!(reply.json["name"], "raw");
+    assert_eq!(reply.json["num_val"], 3, "one of four per class held out");
+
+    let errors = app
+        .post_bytes(
+            "/datasets?val_fraction=2",
+            "application/zip",
+            shapes_zip(4, 32),
+        )
+        .await
+        .assert_problem(StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(errors[0]["path"], "val_fraction");
+    app.post_bytes("/datasets", "text/plain", b"hello".to_vec())
+        .await
+        .assert_problem(StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    // Over the upload limit: refused while streaming, nothing kept.
+    app.post_bytes("/datasets", "application/zip", vec![0u8; 3 * 1024 * 1024])
+        .await
+        .assert_problem(StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(app.count("datasets").await, 1);
+    assert!(app.files_under("tmp").is_empty());
+}
