@@ -219,7 +219,11 @@ pub async fn create(
         num_val: report.val_counts.iter().sum::<i64>() as i32,
         bytes: bytes as i64,
         artifact_key: &key,
-        report: json!({ "skipped": report.skipped }),
+        report: json!({
+            "skipped": report.skipped,
+            "duplicates": report.duplicates,
+            "leakage": report.leakage,
+        }),
     })
     .await?;
     dataset_dir.keep();

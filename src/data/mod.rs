@@ -82,6 +82,11 @@ pub struct IngestReport {
     pub train_counts: Vec<i64>,
     pub val_counts: Vec<i64>,
     pub skipped: Vec<Skipped>,
+    /// Files with identical bytes, each group sorted by path.
+    pub duplicates: Vec<Vec<String>>,
+    /// Duplicate groups that ended up in both train and val: the validation
+    /// score would flatter the model on them.
+    pub leakage: Vec<Vec<String>>,
 }
 
 pub const TRAIN_FILE: &str = "train.safetensors";
@@ -164,12 +169,47 @@ pub fn ingest_archive(
             out_dir.join(file),
         )?;
     }
+    let (duplicates, leakage) = find_duplicates(&images, &val);
     Ok(IngestReport {
         classes,
         train_counts,
         val_counts,
         skipped,
+        duplicates,
+        leakage,
     })
+}
+
+/// Groups of images with identical bytes, and those of them split across
+/// train and val (`val` holds indices into `images`).
+#[allow(clippy::type_complexity)]
+fn find_duplicates(
+    images: &[(&archive::Entry, Vec<u8>)],
+    val: &[usize],
+) -> (Vec<Vec<String>>, Vec<Vec<String>>) {
+    use sha2::{Digest, Sha256};
+    let mut groups: std::collections::HashMap<[u8; 32], Vec<usize>> = Default::default();
+    for (index, (entry, _)) in images.iter().enumerate() {
+        groups
+            .entry(Sha256::digest(&entry.bytes).into())
+            .or_default()
+            .push(index);
+    }
+    let val: std::collections::HashSet<usize> = val.iter().copied().collect();
+    let mut duplicates = Vec::new();
+    let mut leakage = Vec::new();
+    for members in groups.into_values().filter(|m| m.len() > 1) {
+        let mut paths: Vec<String> = members.iter().map(|&i| images[i].0.path.clone()).collect();
+        paths.sort();
+        let in_val = members.iter().filter(|i| val.contains(i)).count();
+        if in_val > 0 && in_val < members.len() {
+            leakage.push(paths.clone());
+        }
+        duplicates.push(paths);
+    }
+    duplicates.sort();
+    leakage.sort();
+    (duplicates, leakage)
 }
 
 /// Reads a stored split: uint8 images `[N, 3, 256, 256]` and int64 labels `[N]`.

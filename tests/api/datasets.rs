@@ -368,3 +368,39 @@ async fn an_archive_can_be_the_raw_body_with_settings_as_query_parameters() {
     assert_eq!(app.count("datasets").await, 1);
     assert!(app.files_under("tmp").is_empty());
 }
+
+#[tokio::test]
+async fn identical_images_are_listed_and_train_val_leakage_reported() {
+    let app = TestApp::spawn().await;
+    let png = |shape: usize, seed: u64| encode(&render(shape, seed, 32), ImageFormat::Png);
+    let mut entries = Vec::new();
+    for (c, name) in crate::helpers::SHAPES.iter().enumerate() {
+        for i in 0..3 {
+            entries.push((format!("train/{name}/{i}.png"), png(c, i)));
+        }
+        entries.push((format!("val/{name}/v.png"), png(c, 10)));
+    }
+    // The same photo in train and in val, and twice within train.
+    entries.push(("val/disc/copy.png".to_string(), png(0, 1)));
+    entries.push(("train/square/again.png".to_string(), png(1, 2)));
+    let reply = app.upload_dataset(zip(&entries)).await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{:?}", reply.json);
+    let report = &reply.json["report"];
+    assert_eq!(
+        report["duplicates"],
+        serde_json::json!([
+            ["train/disc/1.png", "val/disc/copy.png"],
+            ["train/square/2.png", "train/square/again.png"]
+        ])
+    );
+    assert_eq!(
+        report["leakage"],
+        serde_json::json!([["train/disc/1.png", "val/disc/copy.png"]])
+    );
+    // The same report later.
+    let id = reply.json["id"].as_str().unwrap();
+    assert_eq!(
+        app.get(&format!("/datasets/{id}")).await.json["report"],
+        *report
+    );
+}
