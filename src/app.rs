@@ -16,7 +16,6 @@ use crate::config::Config;
 use crate::models;
 use crate::serve::{ModelSpec, Predictor};
 use crate::store::{self, EmbeddedPostgres};
-use crate::telemetry;
 use crate::train::Worker;
 
 /// An idle worker looks at the queue at least this often, notifications aside.
@@ -147,7 +146,6 @@ pub async fn serve(
         weights_dir: config.weights_dir(),
         limits: config.http_limits(),
     };
-    telemetry::handle();
     for spec in models::CATALOGUE {
         if !spec.weights_path(&state.weights_dir).exists() {
             tracing::warn!(backbone = spec.name, path = %spec.weights_path(&state.weights_dir).display(),
@@ -157,6 +155,9 @@ pub async fn serve(
 
     sweep_interrupted_uploads(&state).await;
     warm_up_default_model(&state);
+    // Built before the workers start: it installs the metrics recorder
+    // their first events go to.
+    let router = api::router(state);
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let workers = spawn_workers(&config, &db.pool, &artifacts, &stop_rx)?;
@@ -173,7 +174,7 @@ pub async fn serve(
         let _ = stop_tx.send(true);
     });
     let mut drain_signal = signalled.clone();
-    let server = axum::serve(listener, api::router(state)).with_graceful_shutdown(async move {
+    let server = axum::serve(listener, router).with_graceful_shutdown(async move {
         let _ = drain_signal.wait_for(|s| *s).await;
     });
     // In-flight requests get a bounded drain; event streams would otherwise

@@ -151,15 +151,11 @@ pub async fn export(
         "weights": "weights.safetensors: the backbone under torchvision's names (features.*), the head as head.weight [classes, features] and head.bias",
         "metrics": model.metrics.0,
     });
-    let checkpoint = state
-        .artifacts
-        .fetch_final(&model.artifact_key)
-        .await
-        .map_err(|e| ApiError::Internal(e.into()))?;
+    // Fetches the checkpoint from the shared store if this host lacks it.
+    let spec = model_spec(&state, &model).await?;
     let (file, contents) = if format == "torchscript" {
         card["module"] = json!("model.pt: TorchScript. forward(images) takes uint8 [N, 3, 256, 256] RGB images after the first two steps (decode; shorter side to 256, center crop) and returns softmax scores [N, classes] in the order of labels; the remaining steps are inside.");
         card.as_object_mut().unwrap().remove("weights");
-        let spec = model_spec(&state, &model).await?;
         let out = state.artifacts.temp_file(".pt");
         let traced = out.clone();
         let bytes = tokio::task::spawn_blocking(move || {
@@ -174,7 +170,7 @@ pub async fn export(
         .map_err(|e| ApiError::Internal(e.into()))?;
         ("model.pt", bytes)
     } else {
-        let bytes = tokio::fs::read(&checkpoint)
+        let bytes = tokio::fs::read(&spec.checkpoint)
             .await
             .map_err(|e| ApiError::Internal(e.into()))?;
         ("weights.safetensors", bytes)

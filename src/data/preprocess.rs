@@ -127,13 +127,18 @@ pub const CROP_FRACTION: f64 = CROP_SIZE as f64 / STORED_SIZE as f64;
 /// Subtracts the mean and divides by the std, per channel.
 pub fn normalize(images: &Tensor, norm: &Normalization) -> Tensor {
     let (mean, std) = norm.tensors(images.device());
+    normalize_with(images, &mean, &std)
+}
+
+/// [`normalize`] with the mean and std tensors made once, by the caller.
+pub fn normalize_with(images: &Tensor, mean: &Tensor, std: &Tensor) -> Tensor {
     (images - mean) / std
 }
 
 impl Normalization {
-    /// Mean and std as `[1, 3, 1, 1]` tensors. Made outside a TorchScript
-    /// trace, they enter it as constants (a copy from Rust memory inside
-    /// one would not be recorded).
+    /// Mean and std as `[1, 3, 1, 1]` tensors. Serving makes them once per
+    /// loaded model; made outside a TorchScript trace, they enter it as
+    /// constants (a copy from Rust memory inside one would not be recorded).
     pub fn tensors(&self, device: tch::Device) -> (Tensor, Tensor) {
         let make = |values: &[f64; 3]| {
             Tensor::from_slice(values)

@@ -253,8 +253,21 @@ struct ModelCache {
 struct LoadedModel {
     net: FoldedNet,
     spec: ModelSpec,
+    /// The normalization's mean and std, on the model's device.
+    mean: Tensor,
+    std: Tensor,
     /// Memory its tensors take, for the cache's bound.
     bytes: usize,
+}
+
+impl LoadedModel {
+    /// Softmax scores for canonical images: the evaluation's preprocessing
+    /// steps, then the folded network.
+    fn probabilities(&self, canonical: &Tensor) -> Tensor {
+        let view = preprocess::center_view(canonical, self.spec.image_size);
+        let input = preprocess::normalize_with(&view, &self.mean, &self.std);
+        self.net.forward(&input).softmax(-1, Kind::Float)
+    }
 }
 
 impl ModelCache {
@@ -321,7 +334,7 @@ impl ModelCache {
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let (scores, indices) = tch::no_grad(|| {
                 let batch = preprocess::stack_canonical(images).to_device(device);
-                let probs = probabilities(|x| model.net.forward(x), &model.spec, &batch);
+                let probs = model.probabilities(&batch);
                 probs.topk(k, -1, true, true)
             });
             let scores =
@@ -381,18 +394,8 @@ pub fn forward_probabilities(
     spec: &ModelSpec,
     canonical: &Tensor,
 ) -> Tensor {
-    probabilities(|x| classifier.forward_t(x, false), spec, canonical)
-}
-
-/// Softmax scores of any network over canonical images, through the one
-/// preprocessing path.
-fn probabilities(
-    logits: impl Fn(&Tensor) -> Tensor,
-    spec: &ModelSpec,
-    canonical: &Tensor,
-) -> Tensor {
     let input = preprocess::model_input(canonical, spec.image_size, &spec.normalization);
-    logits(&input).softmax(-1, Kind::Float)
+    classifier.forward_t(&input, false).softmax(-1, Kind::Float)
 }
 
 /// Writes the model as a TorchScript module that takes canonical images
@@ -402,14 +405,10 @@ pub fn export_torchscript(spec: &ModelSpec, out: &std::path::Path) -> Result<(),
     let model = load(spec, Device::Cpu)?;
     let side = preprocess::STORED_SIZE as i64;
     let example = Tensor::zeros([1, 3, side, side], (Kind::Uint8, Device::Cpu));
-    let (mean, std) = spec.normalization.tensors(Device::Cpu);
     let traced = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         tch::no_grad(|| {
             tch::CModule::create_by_tracing("finetuned", "forward", &[example], &mut |inputs| {
-                // The serving path's steps, with the normalization made
-                // before the trace (see `Normalization::tensors`).
-                let input = (preprocess::center_view(&inputs[0], spec.image_size) - &mean) / &std;
-                vec![model.net.forward(&input).softmax(-1, Kind::Float)]
+                vec![model.probabilities(&inputs[0])]
             })
         })
     }))
@@ -438,9 +437,12 @@ fn load(spec: &ModelSpec, device: Device) -> Result<LoadedModel, String> {
         ));
     }
     let bytes = net.bytes();
+    let (mean, std) = spec.normalization.tensors(device);
     Ok(LoadedModel {
         net,
         spec: spec.clone(),
+        mean,
+        std,
         bytes,
     })
 }

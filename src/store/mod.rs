@@ -48,18 +48,37 @@ pub fn is_transient(err: &sqlx::Error) -> bool {
     }
 }
 
-/// Runs a statement again while Postgres is unreachable, for up to `patience`
-/// (a restart or failover), so that workers keep their jobs through it.
-pub async fn retry<T, F, Fut>(patience: Duration, mut attempt: F) -> sqlx::Result<T>
+/// Errors that may say Postgres was unreachable.
+pub trait MaybeTransient: std::fmt::Display {
+    fn is_transient(&self) -> bool;
+}
+
+impl MaybeTransient for sqlx::Error {
+    fn is_transient(&self) -> bool {
+        is_transient(self)
+    }
+}
+
+impl MaybeTransient for anyhow::Error {
+    fn is_transient(&self) -> bool {
+        self.downcast_ref::<sqlx::Error>().is_some_and(is_transient)
+    }
+}
+
+/// Runs database work again while Postgres is unreachable, for up to
+/// `patience` (a restart or failover), so that workers keep their jobs
+/// through it.
+pub async fn retry<T, E, F, Fut>(patience: Duration, mut attempt: F) -> Result<T, E>
 where
+    E: MaybeTransient,
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = sqlx::Result<T>>,
+    Fut: std::future::Future<Output = Result<T, E>>,
 {
     let started = std::time::Instant::now();
     let mut pause = Duration::from_millis(200);
     loop {
         match attempt().await {
-            Err(err) if is_transient(&err) && started.elapsed() < patience => {
+            Err(err) if err.is_transient() && started.elapsed() < patience => {
                 tracing::warn!(error = %err, "Postgres unreachable; retrying");
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(5));

@@ -143,7 +143,9 @@ impl Worker {
             Ok((spec, card)) => self.train(&job, run_id, spec, card, shutdown).await,
             Err(err) => Err(RunError::Failed(format!("{err:#}"))),
         };
-        let status = self.conclude_patiently(&job, run_id, &result).await?;
+        // Retried while Postgres is unreachable: the outcome is not lost to
+        // a database restart.
+        let status = store::retry(DB_PATIENCE, || self.conclude(&job, run_id, &result)).await?;
         metrics::counter!(telemetry::JOBS_ENDED, "status" => status).increment(1);
         tracing::info!(status, "job ended");
         Ok(Outcome::Ran {
@@ -362,31 +364,6 @@ impl Worker {
             .unpublish(&key(epoch - 2))
             .await
             .map_err(failed)
-    }
-
-    /// [`Self::conclude`], again while Postgres is unreachable: the job's
-    /// outcome is not lost to a database restart.
-    async fn conclude_patiently(
-        &self,
-        job: &jobs::JobRow,
-        run_id: Uuid,
-        result: &Result<Finished, RunError>,
-    ) -> anyhow::Result<&'static str> {
-        let started = std::time::Instant::now();
-        loop {
-            match self.conclude(job, run_id, result).await {
-                Err(err)
-                    if started.elapsed() < DB_PATIENCE
-                        && err
-                            .downcast_ref::<sqlx::Error>()
-                            .is_some_and(store::is_transient) =>
-                {
-                    tracing::warn!(error = %err, "recording the job's end failed; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-                other => return other,
-            }
-        }
     }
 
     /// Writes the job's final state. Returns its status.
