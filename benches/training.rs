@@ -53,7 +53,7 @@ fn main() {
         val_fraction: 0.1,
         ..Default::default()
     };
-    data::ingest_archive(&work.join("images.zip"), &dataset, &options).expect("ingest");
+    data::ingest_archive(&work.join("images.zip"), &dataset, &options, &|_| {}).expect("ingest");
 
     let modes = [
         Mode {

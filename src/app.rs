@@ -223,7 +223,23 @@ async fn check_exposure(config: &Config, auth: &Auth) -> anyhow::Result<()> {
 
 /// Uploads and ingests cut short by a crash leave files but never a row;
 /// they are removed at start once older than the longest upload.
+/// Seconds without a heartbeat after which an `ingesting` dataset is dead.
+const STALLED_INGEST_SECS: f64 = 30.0;
+
 async fn sweep_interrupted_uploads(state: &AppState) {
+    // An ingest heartbeats its row every second; one silent this long died
+    // with its process. Its files go at once, not after the upload timeout.
+    match store::datasets::discard_stalled_ingests(&state.pool, STALLED_INGEST_SECS).await {
+        Ok(ids) => {
+            for id in ids {
+                let key = Artifacts::dataset_key(id);
+                let _ = std::fs::remove_dir_all(state.artifacts.path(&key));
+                let _ = state.artifacts.unpublish_dir(&key).await;
+                tracing::info!(dataset_id = %id, "removed an ingest its process left unfinished");
+            }
+        }
+        Err(err) => tracing::warn!(error = %err, "sweeping stalled ingests failed"),
+    }
     let known = match store::datasets::ids(&state.pool).await {
         Ok(ids) => ids.into_iter().collect(),
         Err(err) => {

@@ -1,4 +1,5 @@
-//! `POST /datasets` (archive upload), `GET /datasets`, `GET /datasets/{id}`.
+//! `POST /datasets` (archive upload), `GET /datasets`, `GET /datasets/{id}`,
+//! `GET /datasets/{id}/samples`, `DELETE /datasets/{id}`.
 
 use std::path::{Path as FsPath, PathBuf};
 
@@ -14,9 +15,9 @@ use uuid::Uuid;
 use super::extract::ApiQuery;
 use super::{parse_id, AppState};
 use crate::artifacts::Artifacts;
-use crate::data::{self, DataError, IngestOptions};
+use crate::data::{self, stored, DataError, IngestOptions, Progress};
 use crate::error::{ApiError, FieldError};
-use crate::store::datasets::{self as store, DatasetRow, NewDataset};
+use crate::store::datasets::{self as store, DatasetRow, Ingested};
 
 /// Form fields of an upload besides the archive itself.
 struct UploadForm {
@@ -34,7 +35,10 @@ struct UploadForm {
 pub struct UploadParams {
     name: Option<String>,
     val_fraction: Option<String>,
+    test_fraction: Option<String>,
     seed: Option<String>,
+    min_per_class: Option<String>,
+    strict: Option<String>,
 }
 
 /// Content types of a raw-body upload (the archive's kind is read from its
@@ -61,14 +65,43 @@ impl UploadForm {
                     "must be a number in [0.05, 0.5]",
                 )),
             },
+            "test_fraction" => match value.trim().parse::<f64>() {
+                Ok(v) if (0.0..=0.5).contains(&v) => self.options.test_fraction = v,
+                _ => errors.push(FieldError::new(
+                    "test_fraction",
+                    "must be a number in [0, 0.5]",
+                )),
+            },
             "seed" => match value.trim().parse::<u64>() {
                 Ok(v) => self.options.seed = v,
                 Err(_) => errors.push(FieldError::new("seed", "must be a non-negative integer")),
             },
+            "min_per_class" => match value.trim().parse::<usize>() {
+                Ok(v) if (1..=100_000).contains(&v) => self.options.min_train_per_class = v,
+                _ => errors.push(FieldError::new(
+                    "min_per_class",
+                    "must be an integer in [1, 100000]",
+                )),
+            },
+            "strict" => match value.trim().to_ascii_lowercase().as_str() {
+                "true" | "1" => self.options.strict = true,
+                "false" | "0" => self.options.strict = false,
+                _ => errors.push(FieldError::new("strict", "must be true or false")),
+            },
             other => errors.push(FieldError::new(
                 other,
-                "unknown form field; expected file, name, val_fraction or seed",
+                "unknown form field; expected file, name, val_fraction, test_fraction, seed, min_per_class or strict",
             )),
+        }
+    }
+
+    /// Checks that the settings fit together.
+    fn check(&self, errors: &mut Vec<FieldError>) {
+        if self.options.val_fraction + self.options.test_fraction > 0.8 {
+            errors.push(FieldError::new(
+                "test_fraction",
+                "val_fraction + test_fraction must leave at least 20% for training",
+            ));
         }
     }
 }
@@ -122,7 +155,10 @@ pub async fn create(
     for (field, value) in [
         ("name", &params.name),
         ("val_fraction", &params.val_fraction),
+        ("test_fraction", &params.test_fraction),
         ("seed", &params.seed),
+        ("min_per_class", &params.min_per_class),
+        ("strict", &params.strict),
     ] {
         if let Some(value) = value {
             form.set(field, value, &mut errors);
@@ -171,68 +207,142 @@ pub async fn create(
         ));
         return Err(ApiError::invalid("the upload is incomplete", errors));
     };
+    form.check(&mut errors);
     if !errors.is_empty() {
         return Err(ApiError::invalid("some form fields are invalid", errors));
     }
 
     let id = Uuid::new_v4();
     let key = Artifacts::dataset_key(id);
-    let dataset_dir = RemoveOnDrop(state.artifacts.path(&key));
-    let options = form.options.clone();
-    // The ingest owns the cleanup guards: when the request is dropped (client
-    // gone, deadline passed) they are dropped after the ingest stops writing.
-    let (report, dataset_dir) = tokio::task::spawn_blocking(move || {
-        let report = data::ingest_archive(&upload.0, &dataset_dir.0, &options);
-        drop(upload);
-        (report, dataset_dir)
-    })
-    .await
-    .map_err(|err| ApiError::Internal(err.into()))?;
-    let report = report.map_err(|err| match err {
-        DataError::Invalid { detail, errors } => ApiError::invalid(detail, errors),
-        other => ApiError::Internal(other.into()),
-    })?;
-
-    let counts = |per_class: &[i64]| -> serde_json::Map<String, serde_json::Value> {
-        report
-            .classes
-            .iter()
-            .cloned()
-            .zip(per_class.iter().map(|&n| json!(n)))
-            .collect()
-    };
     let name = form
         .name
         .or(form.filename.map(|f| archive_stem(&f).to_string()))
         .unwrap_or_else(|| format!("dataset-{id}"));
+    store::insert_ingesting(&state.pool, id, &name, bytes as i64, &key).await?;
+    let row_guard = DiscardOnDrop {
+        pool: state.pool.clone(),
+        id,
+    };
+    let dataset_dir = RemoveOnDrop(state.artifacts.path(&key));
+    match ingest(&state, id, upload, dataset_dir, form.options).await {
+        Ok((report, dataset_dir)) => {
+            let row = store::finish_ingest(&state.pool, id, ingested(&report)).await?;
+            let Some(row) = row else {
+                return Err(ApiError::Conflict(format!(
+                    "dataset {id} was deleted while it was ingesting"
+                )));
+            };
+            std::mem::forget(row_guard);
+            dataset_dir.keep();
+            tracing::info!(dataset_id = %id, classes = row.classes.len(), images = row.num_train + row.num_val + row.num_test, "dataset stored");
+            Ok((
+                StatusCode::CREATED,
+                [(header::LOCATION, format!("/datasets/{id}"))],
+                Json(row),
+            ))
+        }
+        Err(err) => {
+            std::mem::forget(row_guard);
+            store::discard_ingesting(&state.pool, id).await?;
+            Err(err)
+        }
+    }
+}
+
+/// What the row records of a finished ingest.
+fn ingested(report: &data::IngestReport) -> Ingested<'_> {
+        let counts = |per_class: &[i64]| -> serde_json::Map<String, serde_json::Value> {
+            report
+                .classes
+                .iter()
+                .cloned()
+                .zip(per_class.iter().map(|&n| json!(n)))
+                .collect()
+        };
+        let total = |per_class: &[i64]| per_class.iter().sum::<i64>() as i32;
+        Ingested {
+            classes: &report.classes,
+            counts: json!({
+                "train": counts(&report.train_counts),
+                "val": counts(&report.val_counts),
+                "test": counts(&report.test_counts),
+            }),
+            num_train: total(&report.train_counts),
+            num_val: total(&report.val_counts),
+            num_test: total(&report.test_counts),
+            report: json!({
+                "skipped": report.skipped,
+                "duplicates": report.duplicates,
+                "leakage": report.leakage,
+            }),
+        }
+}
+
+/// Runs the ingest on a blocking thread, recording its progress on the row
+/// every second, and publishes the result to the shared store.
+async fn ingest(
+    state: &AppState,
+    id: Uuid,
+    upload: RemoveOnDrop,
+    dataset_dir: RemoveOnDrop,
+    options: IngestOptions,
+) -> Result<(data::IngestReport, RemoveOnDrop), ApiError> {
+    let latest = std::sync::Arc::new(std::sync::Mutex::new(Progress {
+        stage: "reading",
+        done: 0,
+        total: 0,
+    }));
+    let sink = latest.clone();
+    // The ingest owns the cleanup guards: when the request is dropped (client
+    // gone, deadline passed) they are dropped after the ingest stops writing.
+    let mut task = tokio::task::spawn_blocking(move || {
+        let report_progress = |p: Progress| *sink.lock().expect("progress lock") = p;
+        let report = data::ingest_archive(&upload.0, &dataset_dir.0, &options, &report_progress);
+        drop(upload);
+        (report, dataset_dir)
+    });
+    let mut beat = tokio::time::interval(std::time::Duration::from_secs(1));
+    beat.tick().await;
+    let (report, dataset_dir) = loop {
+        tokio::select! {
+            done = &mut task => break done.map_err(|err| ApiError::Internal(err.into()))?,
+            _ = beat.tick() => {
+                let now = *latest.lock().expect("progress lock");
+                if let Err(err) = store::set_progress(&state.pool, id, json!(now)).await {
+                    tracing::warn!(dataset_id = %id, error = %err, "recording ingest progress failed");
+                }
+            }
+        }
+    };
+    let report = report.map_err(|err| match err {
+        DataError::Invalid { detail, errors } => ApiError::invalid(detail, errors),
+        other => ApiError::Internal(other.into()),
+    })?;
     state
         .artifacts
-        .publish_dir(&key)
+        .publish_dir(&Artifacts::dataset_key(id))
         .await
         .map_err(|err| ApiError::Internal(err.into()))?;
-    let row = store::insert(&state.pool, NewDataset {
-        id,
-        name: &name,
-        classes: &report.classes,
-        counts: json!({ "train": counts(&report.train_counts), "val": counts(&report.val_counts) }),
-        num_train: report.train_counts.iter().sum::<i64>() as i32,
-        num_val: report.val_counts.iter().sum::<i64>() as i32,
-        bytes: bytes as i64,
-        artifact_key: &key,
-        report: json!({
-            "skipped": report.skipped,
-            "duplicates": report.duplicates,
-            "leakage": report.leakage,
-        }),
-    })
-    .await?;
-    dataset_dir.keep();
-    tracing::info!(dataset_id = %id, classes = row.classes.len(), images = row.num_train + row.num_val, "dataset stored");
-    Ok((
-        StatusCode::CREATED,
-        [(header::LOCATION, format!("/datasets/{id}"))],
-        Json(row),
-    ))
+    Ok((report, dataset_dir))
+}
+
+/// Removes the `ingesting` row of a request that was dropped mid-ingest.
+struct DiscardOnDrop {
+    pool: sqlx::PgPool,
+    id: Uuid,
+}
+
+impl Drop for DiscardOnDrop {
+    fn drop(&mut self) {
+        let (pool, id) = (self.pool.clone(), self.id);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(err) = store::discard_ingesting(&pool, id).await {
+                    tracing::warn!(dataset_id = %id, error = %err, "removing an abandoned ingest failed");
+                }
+            });
+        }
+    }
 }
 
 pub async fn get(
@@ -273,6 +383,144 @@ pub async fn delete(
         .map_err(|err| ApiError::Internal(err.into()))?;
     tracing::info!(dataset_id = %id, "dataset deleted");
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Query of `GET /datasets/{id}/samples`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SampleParams {
+    class: Option<String>,
+    split: Option<String>,
+    limit: Option<String>,
+}
+
+/// Side of the thumbnails `samples` returns.
+const THUMBNAIL_SIDE: u32 = 96;
+
+/// A few stored images with their source paths and thumbnails, taken from
+/// each class in turn (or from one class), for a UI to show what a dataset
+/// holds.
+pub async fn samples(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    ApiQuery(params): ApiQuery<SampleParams>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let id = parse_id(&id, "dataset")?;
+    let dataset = store::get(&state.pool, id)
+        .await?
+        .filter(|d| d.status != "deleted")
+        .ok_or_else(|| ApiError::NotFound(format!("no dataset with id {id}")))?;
+    if dataset.status != "ready" {
+        return Err(ApiError::Conflict(format!(
+            "dataset {id} is {}; samples exist once it is ready",
+            dataset.status
+        )));
+    }
+    let mut errors = Vec::new();
+    let limit = match params.limit.as_deref().map(str::parse::<usize>) {
+        None => 12,
+        Some(Ok(n)) if (1..=100).contains(&n) => n,
+        Some(_) => {
+            errors.push(FieldError::new("limit", "must be an integer in [1, 100]"));
+            0
+        }
+    };
+    let splits: Vec<&str> = match params.split.as_deref() {
+        None => vec!["train", "val", "test"],
+        Some(split @ ("train" | "val" | "test")) => vec![split],
+        Some(_) => {
+            errors.push(FieldError::new("split", "must be train, val or test"));
+            vec![]
+        }
+    };
+    let classes = &dataset.classes.0;
+    let wanted_class = match &params.class {
+        None => None,
+        Some(class) => match classes.iter().position(|c| c == class) {
+            Some(label) => Some(label),
+            None => {
+                errors.push(FieldError::new(
+                    "class",
+                    format!("no class {class:?}; the classes are {}", classes.join(", ")),
+                ));
+                None
+            }
+        },
+    };
+    if !errors.is_empty() {
+        return Err(ApiError::invalid("invalid sample query", errors));
+    }
+    let dir = state
+        .artifacts
+        .fetch(&dataset.artifact_key)
+        .await
+        .map_err(|err| ApiError::Internal(err.into()))?;
+    let classes = classes.clone();
+    let splits: Vec<String> = splits.into_iter().map(str::to_string).collect();
+    let items = tokio::task::spawn_blocking(move || {
+        pick_samples(&dir, &classes, &splits, wanted_class, limit)
+    })
+    .await
+    .map_err(|err| ApiError::Internal(err.into()))?
+    .map_err(|err| match err.kind() {
+        std::io::ErrorKind::NotFound => ApiError::Conflict(format!(
+            "dataset {id} was stored without a sample index; upload it again to browse it"
+        )),
+        _ => ApiError::Internal(err.into()),
+    })?;
+    Ok(Json(json!({ "dataset_id": id, "items": items })))
+}
+
+/// Takes up to `limit` images, one from each class in turn, with their
+/// thumbnails as PNG data URLs.
+fn pick_samples(
+    dir: &FsPath,
+    classes: &[String],
+    splits: &[String],
+    wanted_class: Option<usize>,
+    limit: usize,
+) -> std::io::Result<Vec<serde_json::Value>> {
+    use base64::Engine;
+    let index = stored::Index::read(dir)?;
+    let mut per_class: Vec<std::collections::VecDeque<(&str, usize, &stored::IndexEntry)>> =
+        vec![Default::default(); classes.len()];
+    for split in splits {
+        let entries = index.split(split).unwrap_or_default();
+        for (slot, entry) in entries.iter().enumerate() {
+            if wanted_class.is_none_or(|label| label == entry.label) {
+                per_class[entry.label].push_back((split.as_str(), slot, entry));
+            }
+        }
+    }
+    let mut items = Vec::new();
+    while items.len() < limit && per_class.iter().any(|queue| !queue.is_empty()) {
+        for queue in per_class.iter_mut() {
+            let Some((split, slot, entry)) = queue.pop_front() else {
+                continue;
+            };
+            if items.len() == limit {
+                break;
+            }
+            let file = match split {
+                "train" => stored::TRAIN_FILE,
+                "val" => stored::VAL_FILE,
+                _ => stored::TEST_FILE,
+            };
+            let pixels = stored::read_image(&dir.join(file), slot)?;
+            let png = stored::thumbnail_png(&pixels, THUMBNAIL_SIDE);
+            items.push(json!({
+                "split": split,
+                "index": slot,
+                "class": classes[entry.label],
+                "path": entry.path,
+                "thumbnail": format!(
+                    "data:image/png;base64,{}",
+                    base64::engine::general_purpose::STANDARD.encode(png)
+                ),
+            }));
+        }
+    }
+    Ok(items)
 }
 
 pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<DatasetRow>>, ApiError> {

@@ -108,12 +108,18 @@ pub async fn create(
         .validate(&state.weights_dir)
         .map_err(|errors| ApiError::invalid("the job configuration is invalid", errors))?;
     let dataset = datasets::get(&state.pool, job.dataset_id).await?;
-    if dataset.is_none_or(|d| d.status == "deleted") {
+    let problem = match dataset.map(|d| d.status) {
+        None => Some("no dataset with this id".to_string()),
+        Some(status) if status == "deleted" => Some("no dataset with this id".to_string()),
+        Some(status) if status != "ready" => Some(format!("the dataset is {status}, not ready")),
+        Some(_) => None,
+    };
+    if let Some(problem) = problem {
         return Err(ApiError::invalid(
             "the job configuration is invalid",
             vec![FieldError::new(
                 "dataset_id",
-                format!("no dataset with id {}", job.dataset_id),
+                format!("{problem}: {}", job.dataset_id),
             )],
         ));
     }

@@ -55,7 +55,7 @@ pub fn router(state: AppState) -> Router {
     telemetry::handle();
     let limits = state.limits.clone();
     let uploads = Router::new()
-        .route("/datasets", post(datasets::create).get(datasets::list))
+        .route("/datasets", post(datasets::create))
         .layer(DefaultBodyLimit::max(limits.max_upload_bytes))
         .layer(from_fn_with_state(limits.upload_timeout, limits::deadline))
         .layer(from_fn_with_state(
@@ -74,10 +74,13 @@ pub fn router(state: AppState) -> Router {
             limits::deadline,
         ));
     let router = Router::new()
+        // Listing is not an upload: it must answer while uploads fill their slots.
+        .route("/datasets", get(datasets::list))
         .route(
             "/datasets/{id}",
             get(datasets::get).delete(datasets::delete),
         )
+        .route("/datasets/{id}/samples", get(datasets::samples))
         .route("/jobs", post(jobs::create).get(jobs::list))
         .route("/jobs/{id}", get(jobs::get))
         .route("/jobs/{id}/metrics", get(jobs::metrics))

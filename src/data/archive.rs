@@ -1,10 +1,17 @@
-//! Reads an uploaded archive (zip, tar or tar.gz) of class folders into labelled image entries.
+//! Reads an uploaded archive (zip, tar or tar.gz) of labelled images, in two
+//! passes so that no more than a few images are ever held in memory:
+//! [`list`] reads names (and a `labels.csv` manifest) and assigns each image
+//! its class and given split; [`Listing::read_members`] then streams the
+//! images' bytes one by one.
 //!
-//! Accepted layouts: `class/*`, or `train/class/*` + `val/class/*`, either
-//! one optionally wrapped in a single top-level folder (what zipping a folder
-//! produces). Operating-system litter and non-images are skipped and
+//! Accepted layouts: `class/*`; `train/class/*` + `val/class/*` (also
+//! `valid/`, `validation/`) + optional `test/class/*`; or a `labels.csv`
+//! manifest (`path,label[,split]`) beside the images. Any of them may be
+//! wrapped in a single top-level folder (what zipping a folder produces).
+//! Operating-system litter is dropped, other non-images are skipped and
 //! reported; unsafe paths reject the whole archive.
 
+use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::path::Path;
 
@@ -12,19 +19,46 @@ use crate::error::FieldError;
 
 use super::{DataError, Skipped};
 
-/// Which split a file was placed in by the archive's own layout.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which split a file was placed in by the archive's own layout or manifest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum GivenSplit {
     Train,
     Val,
+    Test,
 }
 
-/// An image file found in the archive, not yet decoded.
-pub struct Entry {
+impl GivenSplit {
+    pub fn name(self) -> &'static str {
+        match self {
+            GivenSplit::Train => "train",
+            GivenSplit::Val => "val",
+            GivenSplit::Test => "test",
+        }
+    }
+}
+
+/// An image file found in the archive, not yet read.
+#[derive(Debug, Clone)]
+pub struct Member {
     pub path: String,
     pub class: String,
     pub split: Option<GivenSplit>,
-    pub bytes: Vec<u8>,
+    /// The entry's index (zip) or ordinal (tar) in the archive.
+    locator: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Zip,
+    Tar,
+    TarGz,
+}
+
+/// The labelled images of an archive, and the files left out.
+pub struct Listing {
+    kind: Kind,
+    pub members: Vec<Member>,
+    pub skipped: Vec<Skipped>,
 }
 
 /// Archive-bomb bounds: entries, total uncompressed bytes, and how much an
@@ -32,39 +66,155 @@ pub struct Entry {
 pub const MAX_ENTRIES: usize = 200_000;
 pub const MAX_TOTAL_BYTES: u64 = 8 * 1024 * 1024 * 1024;
 pub const MAX_RATIO: u64 = 100;
+/// Larger single files are skipped unread (no camera makes them).
+pub const MAX_IMAGE_BYTES: u64 = 256 * 1024 * 1024;
+/// Bound on the manifest, which is read whole.
+const MAX_MANIFEST_BYTES: u64 = 64 * 1024 * 1024;
+pub const MANIFEST: &str = "labels.csv";
 
 const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"];
-const SPLIT_DIRS: &[(&str, GivenSplit)] = &[
+const SPLIT_NAMES: &[(&str, GivenSplit)] = &[
     ("train", GivenSplit::Train),
     ("val", GivenSplit::Val),
     ("valid", GivenSplit::Val),
     ("validation", GivenSplit::Val),
+    ("test", GivenSplit::Test),
 ];
 
-/// Reads every image entry of the zip at `path`.
-fn read_zip(path: &Path) -> Result<(Vec<Entry>, Vec<Skipped>), DataError> {
-    let file = std::fs::File::open(path)?;
-    let mut zip = zip::ZipArchive::new(file).map_err(|err| {
+/// A file kept by the first pass: an image (by locator) or the manifest.
+struct Found {
+    images: Vec<(usize, Vec<String>)>,
+    manifests: Vec<(Vec<String>, Vec<u8>)>,
+    skipped: Vec<Skipped>,
+}
+
+/// Lists an uploaded archive, whichever kind its first bytes say it is:
+/// zip, tar, or gzip-compressed tar.
+pub fn list(path: &Path) -> Result<Listing, DataError> {
+    let kind = kind_of(path)?;
+    let found = match kind {
+        Kind::Zip => list_zip(path)?,
+        Kind::Tar => list_tar(std::fs::File::open(path)?)?,
+        Kind::TarGz => list_tar(flate2::read::GzDecoder::new(std::fs::File::open(path)?))?,
+    };
+    let Found {
+        images,
+        manifests,
+        mut skipped,
+    } = found;
+    let (members, mut more) = classify(images, manifests)?;
+    skipped.append(&mut more);
+    Ok(Listing {
+        kind,
+        members,
+        skipped,
+    })
+}
+
+impl Listing {
+    /// Streams the bytes of every member, in archive order, to `each` with
+    /// the member's index in [`Listing::members`]; an entry that cannot be
+    /// read is passed as its reason.
+    pub fn read_members(
+        &self,
+        path: &Path,
+        mut each: impl FnMut(usize, Result<Vec<u8>, String>),
+    ) -> Result<(), DataError> {
+        let by_locator: HashMap<usize, usize> = self
+            .members
+            .iter()
+            .enumerate()
+            .map(|(index, m)| (m.locator, index))
+            .collect();
+        match self.kind {
+            Kind::Zip => {
+                let mut zip = open_zip(path)?;
+                let mut order: Vec<(usize, usize)> = by_locator.into_iter().collect();
+                order.sort_unstable();
+                for (locator, index) in order {
+                    let entry = zip.by_index(locator).map_err(corrupt)?;
+                    let declared = entry.size();
+                    each(index, read_bounded(entry, declared));
+                }
+                Ok(())
+            }
+            Kind::Tar => read_tar_members(std::fs::File::open(path)?, &by_locator, each),
+            Kind::TarGz => read_tar_members(
+                flate2::read::GzDecoder::new(std::fs::File::open(path)?),
+                &by_locator,
+                each,
+            ),
+        }
+    }
+}
+
+fn kind_of(path: &Path) -> Result<Kind, DataError> {
+    let mut head = [0u8; 512];
+    let n = std::fs::File::open(path)?.read(&mut head)?;
+    let head = &head[..n];
+    if head.starts_with(b"PK\x03\x04") || head.starts_with(b"PK\x05\x06") {
+        Ok(Kind::Zip)
+    } else if head.starts_with(&[0x1f, 0x8b]) {
+        Ok(Kind::TarGz)
+    } else if head.len() >= 262 && &head[257..262] == b"ustar" {
+        Ok(Kind::Tar)
+    } else {
+        Err(DataError::invalid(
+            "the upload is not a zip, tar or tar.gz archive",
+            vec![FieldError::new(
+                "file",
+                "unrecognised content (the archive's first bytes match no supported format)",
+            )],
+        ))
+    }
+}
+
+/// Reads at most `declared` bytes: never more than the header said,
+/// whatever the stream holds.
+fn read_bounded(entry: impl Read, declared: u64) -> Result<Vec<u8>, String> {
+    let mut bytes = Vec::with_capacity(declared.min(MAX_IMAGE_BYTES) as usize);
+    entry
+        .take(declared)
+        .read_to_end(&mut bytes)
+        .map(|_| bytes)
+        .map_err(|err| format!("unreadable in the archive: {err}"))
+}
+
+fn open_zip(path: &Path) -> Result<zip::ZipArchive<std::fs::File>, DataError> {
+    zip::ZipArchive::new(std::fs::File::open(path)?).map_err(|err| {
         DataError::invalid(
             "the upload is not a readable zip archive",
             vec![FieldError::new("file", err.to_string())],
         )
-    })?;
+    })
+}
 
+fn too_many_entries(detail: String) -> DataError {
+    DataError::invalid(
+        "the archive has too many entries",
+        vec![FieldError::new("file", detail)],
+    )
+}
+
+/// The zip's central directory: every bound is checked from the headers
+/// before anything is inflated.
+fn list_zip(path: &Path) -> Result<Found, DataError> {
+    let mut zip = open_zip(path)?;
     if zip.len() > MAX_ENTRIES {
-        return Err(DataError::invalid(
-            "the archive has too many entries",
-            vec![FieldError::new(
-                "file",
-                format!("{} entries; at most {MAX_ENTRIES}", zip.len()),
-            )],
-        ));
+        return Err(too_many_entries(format!(
+            "{} entries; at most {MAX_ENTRIES}",
+            zip.len()
+        )));
     }
-    let mut files: Vec<(usize, Vec<String>)> = Vec::new();
-    let mut skipped = Vec::new();
+    let mut found = Found {
+        images: Vec::new(),
+        manifests: Vec::new(),
+        skipped: Vec::new(),
+    };
     let mut unsafe_paths = Vec::new();
     let mut bombs = Vec::new();
     let mut total: u64 = 0;
+    let mut manifest_indices = Vec::new();
     for index in 0..zip.len() {
         let entry = zip.by_index_raw(index).map_err(corrupt)?;
         if entry.is_dir() {
@@ -90,8 +240,10 @@ fn read_zip(path: &Path) -> Result<(Vec<Entry>, Vec<Skipped>), DataError> {
             ));
             continue;
         }
-        if let Some(parts) = image_parts(&name, &mut skipped) {
-            files.push((index, parts));
+        match sort_file(&name, entry.size(), &mut found.skipped) {
+            Some(Sorted::Image(parts)) => found.images.push((index, parts)),
+            Some(Sorted::Manifest(parts)) => manifest_indices.push((index, parts)),
+            None => {}
         }
     }
     if !unsafe_paths.is_empty() {
@@ -112,103 +264,35 @@ fn read_zip(path: &Path) -> Result<(Vec<Entry>, Vec<Skipped>), DataError> {
             bombs,
         ));
     }
-
-    let (labelled, mut skipped_more) = classify(files);
-    skipped.append(&mut skipped_more);
-    let mut entries = Vec::new();
-    for (name, class, split, index) in labelled {
+    for (index, parts) in manifest_indices {
         let entry = zip.by_index(index).map_err(corrupt)?;
         let declared = entry.size();
-        let mut bytes = Vec::with_capacity(declared as usize);
-        // Never more than the header declared, whatever the stream holds.
-        if let Err(err) = entry.take(declared).read_to_end(&mut bytes) {
-            skipped.push(Skipped::new(
-                &name,
-                format!("unreadable in the archive: {err}"),
-            ));
-            continue;
-        }
-        entries.push(Entry {
-            path: name,
-            class,
-            split,
-            bytes,
-        });
+        let bytes = read_bounded(entry, declared).map_err(|reason| {
+            DataError::invalid(
+                "the manifest cannot be read",
+                vec![FieldError::new(format!("file:{}", parts.join("/")), reason)],
+            )
+        })?;
+        found.manifests.push((parts, bytes));
     }
-    Ok((entries, skipped))
+    Ok(found)
 }
 
-/// The path's folders and file name when it names an image file; litter is
-/// dropped silently, other files are reported as skipped.
-fn image_parts(name: &str, skipped: &mut Vec<Skipped>) -> Option<Vec<String>> {
-    let parts: Vec<String> = name
-        .split('/')
-        .filter(|p| !p.is_empty() && *p != ".")
-        .map(str::to_string)
-        .collect();
-    if parts.is_empty() || is_litter(&parts) {
-        return None;
-    }
-    let extension = parts
-        .last()
-        .and_then(|f| f.rsplit_once('.'))
-        .map(|(_, ext)| ext.to_ascii_lowercase());
-    if !extension.is_some_and(|ext| IMAGE_EXTENSIONS.contains(&ext.as_str())) {
-        skipped.push(Skipped::new(name, "not an image file"));
-        return None;
-    }
-    Some(parts)
-}
-
-/// Reads an uploaded archive, whichever kind its first bytes say it is:
-/// zip, tar, or gzip-compressed tar.
-pub fn read_archive(path: &Path) -> Result<(Vec<Entry>, Vec<Skipped>), DataError> {
-    let mut head = [0u8; 512];
-    let n = std::fs::File::open(path)?.read(&mut head)?;
-    let head = &head[..n];
-    if head.starts_with(b"PK\x03\x04") || head.starts_with(b"PK\x05\x06") {
-        read_zip(path)
-    } else if head.starts_with(&[0x1f, 0x8b]) {
-        let file = std::fs::File::open(path)?;
-        read_tar(flate2::read::GzDecoder::new(file))
-    } else if head.len() >= 262 && &head[257..262] == b"ustar" {
-        read_tar(std::fs::File::open(path)?)
-    } else {
-        Err(DataError::invalid(
-            "the upload is not a zip, tar or tar.gz archive",
-            vec![FieldError::new(
-                "file",
-                "unrecognised content (the archive's first bytes match no supported format)",
-            )],
-        ))
-    }
-}
-
-/// Reads every image file of a tar stream, bounded like a zip: entries,
-/// total bytes (which for tar.gz bounds the inflation), unsafe paths and
-/// links refused.
-fn read_tar(stream: impl Read) -> Result<(Vec<Entry>, Vec<Skipped>), DataError> {
-    let broken = |err: std::io::Error| {
-        DataError::invalid(
-            "the tar archive is corrupt",
-            vec![FieldError::new("file", err.to_string())],
-        )
-    };
+/// A tar stream's headers, bounded like a zip: entries, total bytes (which
+/// for tar.gz bounds the inflation), unsafe paths and links refused.
+fn list_tar(stream: impl Read) -> Result<Found, DataError> {
     let mut archive = tar::Archive::new(stream);
-    let mut files = Vec::new();
-    let mut skipped = Vec::new();
+    let mut found = Found {
+        images: Vec::new(),
+        manifests: Vec::new(),
+        skipped: Vec::new(),
+    };
     let mut unsafe_paths = Vec::new();
     let mut total: u64 = 0;
-    for (count, entry) in archive.entries().map_err(broken)?.enumerate() {
-        let mut entry = entry.map_err(broken)?;
-        if count >= MAX_ENTRIES {
-            return Err(DataError::invalid(
-                "the archive has too many entries",
-                vec![FieldError::new(
-                    "file",
-                    format!("more than {MAX_ENTRIES} entries"),
-                )],
-            ));
+    for (ordinal, entry) in archive.entries().map_err(broken_tar)?.enumerate() {
+        let entry = entry.map_err(broken_tar)?;
+        if ordinal >= MAX_ENTRIES {
+            return Err(too_many_entries(format!("more than {MAX_ENTRIES} entries")));
         }
         let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
         let kind = entry.header().entry_type();
@@ -223,29 +307,30 @@ fn read_tar(stream: impl Read) -> Result<(Vec<Entry>, Vec<Skipped>), DataError> 
         if !kind.is_file() {
             continue;
         }
-        let Some(parts) = image_parts(&name, &mut skipped) else {
-            continue;
-        };
         total = total.saturating_add(entry.size());
         if total > MAX_TOTAL_BYTES {
             return Err(DataError::invalid(
                 "the archive expands beyond its limits",
                 vec![FieldError::new(
                     "file",
-                    format!("more than {MAX_TOTAL_BYTES} bytes of images"),
+                    format!("more than {MAX_TOTAL_BYTES} bytes of files"),
                 )],
             ));
         }
-        let mut bytes = Vec::with_capacity(entry.size() as usize);
-        let declared = entry.size();
-        if let Err(err) = (&mut entry).take(declared).read_to_end(&mut bytes) {
-            skipped.push(Skipped::new(
-                &name,
-                format!("unreadable in the archive: {err}"),
-            ));
-            continue;
+        match sort_file(&name, entry.size(), &mut found.skipped) {
+            Some(Sorted::Image(parts)) => found.images.push((ordinal, parts)),
+            Some(Sorted::Manifest(parts)) => {
+                let declared = entry.size();
+                let bytes = read_bounded(entry, declared).map_err(|reason| {
+                    DataError::invalid(
+                        "the manifest cannot be read",
+                        vec![FieldError::new(format!("file:{name}"), reason)],
+                    )
+                })?;
+                found.manifests.push((parts, bytes));
+            }
+            None => {}
         }
-        files.push((bytes, parts));
     }
     if !unsafe_paths.is_empty() {
         return Err(DataError::invalid(
@@ -253,51 +338,211 @@ fn read_tar(stream: impl Read) -> Result<(Vec<Entry>, Vec<Skipped>), DataError> 
             unsafe_paths,
         ));
     }
-    let (labelled, mut more) = classify(files);
-    skipped.append(&mut more);
-    let entries = labelled
-        .into_iter()
-        .map(|(path, class, split, bytes)| Entry {
-            path,
-            class,
-            split,
-            bytes,
-        })
-        .collect();
-    Ok((entries, skipped))
+    Ok(found)
 }
 
-/// Drops a wrapper folder and assigns each image file its class and split
-/// from its path; what fits no layout is skipped with the reason.
-#[allow(clippy::type_complexity)]
-fn classify<T>(
-    mut files: Vec<(T, Vec<String>)>,
-) -> (Vec<(String, String, Option<GivenSplit>, T)>, Vec<Skipped>) {
-    strip_wrapper_folder(&mut files);
-    let split_layout = files
+/// Streams a tar again, passing on the members the listing kept.
+fn read_tar_members(
+    stream: impl Read,
+    by_locator: &HashMap<usize, usize>,
+    mut each: impl FnMut(usize, Result<Vec<u8>, String>),
+) -> Result<(), DataError> {
+    let mut archive = tar::Archive::new(stream);
+    for (ordinal, entry) in archive.entries().map_err(broken_tar)?.enumerate() {
+        let entry = entry.map_err(broken_tar)?;
+        if let Some(&index) = by_locator.get(&ordinal) {
+            let declared = entry.size();
+            each(index, read_bounded(entry, declared));
+        }
+    }
+    Ok(())
+}
+
+fn broken_tar(err: std::io::Error) -> DataError {
+    DataError::invalid(
+        "the tar archive is corrupt",
+        vec![FieldError::new("file", err.to_string())],
+    )
+}
+
+enum Sorted {
+    Image(Vec<String>),
+    Manifest(Vec<String>),
+}
+
+/// Sorts a file by its path: an image, the manifest, litter (dropped
+/// silently) or anything else (reported as skipped).
+fn sort_file(name: &str, size: u64, skipped: &mut Vec<Skipped>) -> Option<Sorted> {
+    let parts = path_parts(name);
+    if parts.is_empty() || is_litter(&parts) {
+        return None;
+    }
+    let file = parts.last().expect("not empty");
+    if file.eq_ignore_ascii_case(MANIFEST) && parts.len() <= 2 {
+        if size > MAX_MANIFEST_BYTES {
+            skipped.push(Skipped::new(
+                name,
+                format!("manifest larger than {MAX_MANIFEST_BYTES} bytes"),
+            ));
+            return None;
+        }
+        return Some(Sorted::Manifest(parts));
+    }
+    let extension = file
+        .rsplit_once('.')
+        .map(|(_, ext)| ext.to_ascii_lowercase());
+    if !extension.is_some_and(|ext| IMAGE_EXTENSIONS.contains(&ext.as_str())) {
+        skipped.push(Skipped::new(name, "not an image file"));
+        return None;
+    }
+    if size > MAX_IMAGE_BYTES {
+        skipped.push(Skipped::new(
+            name,
+            format!("{size} bytes; images may be at most {MAX_IMAGE_BYTES}"),
+        ));
+        return None;
+    }
+    Some(Sorted::Image(parts))
+}
+
+fn path_parts(name: &str) -> Vec<String> {
+    name.split('/')
+        .filter(|p| !p.is_empty() && *p != ".")
+        .map(str::to_string)
+        .collect()
+}
+
+/// Drops a wrapper folder and assigns each image its class and split, from
+/// the manifest when there is one, else from its folders; what fits no
+/// layout is skipped with the reason.
+fn classify(
+    mut images: Vec<(usize, Vec<String>)>,
+    mut manifests: Vec<(Vec<String>, Vec<u8>)>,
+) -> Result<(Vec<Member>, Vec<Skipped>), DataError> {
+    strip_wrapper_folder(&mut images, &mut manifests);
+    let manifest = manifests.into_iter().find(|(parts, _)| parts.len() == 1);
+    if let Some((parts, bytes)) = manifest {
+        return classify_by_manifest(images, &parts[0], &bytes);
+    }
+    let split_layout = images
         .iter()
         .any(|(_, parts)| parts.len() >= 3 && split_of(&parts[0]).is_some());
-    let mut labelled = Vec::new();
+    let mut members = Vec::new();
     let mut skipped = Vec::new();
-    for (payload, parts) in files {
-        let name = parts.join("/");
+    for (locator, parts) in images {
+        let path = parts.join("/");
         let (split, class) = match (split_layout, parts.len()) {
             (true, n) if n >= 3 => match split_of(&parts[0]) {
                 Some(split) => (Some(split), parts[1].clone()),
                 None => {
-                    skipped.push(Skipped::new(&name, "outside the train/ and val/ folders"));
+                    skipped.push(Skipped::new(
+                        &path,
+                        "outside the train/, val/ and test/ folders",
+                    ));
                     continue;
                 }
             },
             (false, n) if n >= 2 => (None, parts[0].clone()),
             _ => {
-                skipped.push(Skipped::new(&name, "not inside a class folder"));
+                skipped.push(Skipped::new(&path, "not inside a class folder"));
                 continue;
             }
         };
-        labelled.push((name, class, split, payload));
+        members.push(Member {
+            path,
+            class,
+            split,
+            locator,
+        });
     }
-    (labelled, skipped)
+    Ok((members, skipped))
+}
+
+/// Labels from `labels.csv` rows `path,label[,split]` (a header row naming
+/// `path` is optional; paths are relative to the manifest's folder). Rows
+/// naming no image in the archive, or malformed, reject the upload; images
+/// the manifest does not list are skipped.
+fn classify_by_manifest(
+    images: Vec<(usize, Vec<String>)>,
+    manifest_name: &str,
+    bytes: &[u8],
+) -> Result<(Vec<Member>, Vec<Skipped>), DataError> {
+    let mut by_path: HashMap<String, usize> = images
+        .into_iter()
+        .map(|(locator, parts)| (parts.join("/"), locator))
+        .collect();
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .trim(csv::Trim::All)
+        .from_reader(bytes);
+    let mut members = Vec::new();
+    let mut errors = Vec::new();
+    let mut seen = HashSet::new();
+    for (row, record) in reader.records().enumerate() {
+        let line = row + 1;
+        let at = format!("{manifest_name}:{line}");
+        let record = match record {
+            Ok(record) => record,
+            Err(err) => {
+                errors.push(FieldError::new(at, err.to_string()));
+                continue;
+            }
+        };
+        if row == 0 && record.get(0).is_some_and(|f| f.eq_ignore_ascii_case("path")) {
+            continue;
+        }
+        if record.iter().all(str::is_empty) {
+            continue;
+        }
+        let (path, label) = (record.get(0).unwrap_or(""), record.get(1).unwrap_or(""));
+        if record.len() > 3 || path.is_empty() || label.is_empty() {
+            errors.push(FieldError::new(at, "expected `path,label[,split]`"));
+            continue;
+        }
+        let split = match record.get(2).unwrap_or("") {
+            "" => None,
+            given => match split_of(given) {
+                Some(split) => Some(split),
+                None => {
+                    errors.push(FieldError::new(
+                        at,
+                        format!("split {given:?} is not train, val or test"),
+                    ));
+                    continue;
+                }
+            },
+        };
+        let path = path_parts(path).join("/");
+        if !seen.insert(path.clone()) {
+            errors.push(FieldError::new(at, format!("{path} is listed twice")));
+            continue;
+        }
+        match by_path.remove(&path) {
+            Some(locator) => members.push(Member {
+                path,
+                class: label.to_string(),
+                split,
+                locator,
+            }),
+            None => errors.push(FieldError::new(
+                at,
+                format!("{path} is not an image in the archive"),
+            )),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(DataError::invalid(
+            format!("{manifest_name} does not match the archive"),
+            errors,
+        ));
+    }
+    let mut skipped: Vec<Skipped> = by_path
+        .into_keys()
+        .map(|path| Skipped::new(&path, format!("not listed in {manifest_name}")))
+        .collect();
+    skipped.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok((members, skipped))
 }
 
 fn corrupt(err: zip::result::ZipError) -> DataError {
@@ -308,10 +553,9 @@ fn corrupt(err: zip::result::ZipError) -> DataError {
 }
 
 fn split_of(dir: &str) -> Option<GivenSplit> {
-    let dir = dir.to_ascii_lowercase();
-    SPLIT_DIRS
+    SPLIT_NAMES
         .iter()
-        .find(|(name, _)| *name == dir)
+        .find(|(name, _)| name.eq_ignore_ascii_case(dir))
         .map(|(_, split)| *split)
 }
 
@@ -325,16 +569,29 @@ fn is_litter(parts: &[String]) -> bool {
 
 /// Zipping a folder wraps everything in it; a single common top folder that
 /// is not itself a split folder is dropped.
-fn strip_wrapper_folder<T>(files: &mut [(T, Vec<String>)]) {
-    let Some(first) = files.first().map(|(_, parts)| parts[0].clone()) else {
+fn strip_wrapper_folder(
+    images: &mut [(usize, Vec<String>)],
+    manifests: &mut [(Vec<String>, Vec<u8>)],
+) {
+    let Some(first) = images.first().map(|(_, parts)| parts[0].clone()) else {
         return;
     };
-    let all_wrapped = files
+    // With a manifest beside them, images may sit directly in the wrapper.
+    let manifest_wrapped = manifests
         .iter()
-        .all(|(_, parts)| parts.len() >= 3 && parts[0] == first);
+        .any(|(parts, _)| parts.len() == 2 && parts[0] == first);
+    let depth = if manifest_wrapped { 2 } else { 3 };
+    let all_wrapped = images
+        .iter()
+        .all(|(_, parts)| parts.len() >= depth && parts[0] == first);
     if all_wrapped && split_of(&first).is_none() {
-        for (_, parts) in files.iter_mut() {
+        for (_, parts) in images.iter_mut() {
             parts.remove(0);
+        }
+        for (parts, _) in manifests.iter_mut() {
+            if parts.len() == 2 && parts[0] == first {
+                parts.remove(0);
+            }
         }
     }
 }

@@ -16,41 +16,104 @@ pub struct DatasetRow {
     pub counts: Json<Value>,
     pub num_train: i32,
     pub num_val: i32,
+    pub num_test: i32,
     pub bytes: i64,
     #[serde(skip)]
     pub artifact_key: String,
     pub report: Json<Value>,
+    /// While ingesting: `{stage, done, total}`.
+    pub progress: Option<Json<Value>>,
     pub created_at: DateTime<Utc>,
+    #[serde(skip)]
+    pub updated_at: DateTime<Utc>,
 }
 
-pub struct NewDataset<'a> {
-    pub id: Uuid,
-    pub name: &'a str,
+/// What a finished ingest found.
+pub struct Ingested<'a> {
     pub classes: &'a [String],
     pub counts: Value,
     pub num_train: i32,
     pub num_val: i32,
-    pub bytes: i64,
-    pub artifact_key: &'a str,
+    pub num_test: i32,
     pub report: Value,
 }
 
-pub async fn insert(pool: &PgPool, new: NewDataset<'_>) -> sqlx::Result<DatasetRow> {
+/// Records an upload whose ingest is starting: visible, but not usable.
+pub async fn insert_ingesting(
+    pool: &PgPool,
+    id: Uuid,
+    name: &str,
+    bytes: i64,
+    artifact_key: &str,
+) -> sqlx::Result<DatasetRow> {
     sqlx::query_as(
-        "INSERT INTO datasets (id, name, status, classes, counts, num_train, num_val, bytes, artifact_key, report)
-         VALUES ($1, $2, 'ready', $3, $4, $5, $6, $7, $8, $9)
+        "INSERT INTO datasets (id, name, status, classes, counts, num_train, num_val, bytes, artifact_key, progress)
+         VALUES ($1, $2, 'ingesting', '[]', '{}', 0, 0, $3, $4, '{\"stage\": \"reading\", \"done\": 0, \"total\": 0}')
          RETURNING *",
     )
-    .bind(new.id)
-    .bind(new.name)
-    .bind(Json(new.classes))
-    .bind(Json(new.counts))
-    .bind(new.num_train)
-    .bind(new.num_val)
-    .bind(new.bytes)
-    .bind(new.artifact_key)
-    .bind(Json(new.report))
+    .bind(id)
+    .bind(name)
+    .bind(bytes)
+    .bind(artifact_key)
     .fetch_one(pool)
+    .await
+}
+
+/// Records an ingest's progress (and that it is alive).
+pub async fn set_progress(pool: &PgPool, id: Uuid, progress: Value) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE datasets SET progress = $2, updated_at = now() WHERE id = $1 AND status = 'ingesting'",
+    )
+    .bind(id)
+    .bind(Json(progress))
+    .execute(pool)
+    .await
+    .map(drop)
+}
+
+/// Makes an ingested dataset ready; `None` when its row went away meanwhile
+/// (deleted during the ingest).
+pub async fn finish_ingest(
+    pool: &PgPool,
+    id: Uuid,
+    done: Ingested<'_>,
+) -> sqlx::Result<Option<DatasetRow>> {
+    sqlx::query_as(
+        "UPDATE datasets SET status = 'ready', classes = $2, counts = $3, num_train = $4,
+                num_val = $5, num_test = $6, report = $7, progress = NULL, updated_at = now()
+         WHERE id = $1 AND status = 'ingesting'
+         RETURNING *",
+    )
+    .bind(id)
+    .bind(Json(done.classes))
+    .bind(Json(done.counts))
+    .bind(done.num_train)
+    .bind(done.num_val)
+    .bind(done.num_test)
+    .bind(Json(done.report))
+    .fetch_optional(pool)
+    .await
+}
+
+/// Removes the row of an ingest that failed or was abandoned.
+pub async fn discard_ingesting(pool: &PgPool, id: Uuid) -> sqlx::Result<()> {
+    sqlx::query("DELETE FROM datasets WHERE id = $1 AND status = 'ingesting'")
+        .bind(id)
+        .execute(pool)
+        .await
+        .map(drop)
+}
+
+/// Removes `ingesting` rows whose ingest stopped moving `stale_secs` ago
+/// (its process died); returns their ids.
+pub async fn discard_stalled_ingests(pool: &PgPool, stale_secs: f64) -> sqlx::Result<Vec<Uuid>> {
+    sqlx::query_scalar(
+        "DELETE FROM datasets WHERE status = 'ingesting'
+           AND updated_at < now() - make_interval(secs => $1)
+         RETURNING id",
+    )
+    .bind(stale_secs)
+    .fetch_all(pool)
     .await
 }
 
