@@ -218,11 +218,13 @@ pub async fn create(
         .name
         .or(form.filename.map(|f| archive_stem(&f).to_string()))
         .unwrap_or_else(|| format!("dataset-{id}"));
-    store::insert_ingesting(&state.pool, id, &name, bytes as i64, &key).await?;
+    // Armed before the insert: a request dropped while the insert is in
+    // flight may still have committed it.
     let row_guard = DiscardOnDrop {
-        pool: state.pool.clone(),
+        pool: Some(state.pool.clone()),
         id,
     };
+    store::insert_ingesting(&state.pool, id, &name, bytes as i64, &key).await?;
     let dataset_dir = RemoveOnDrop(state.artifacts.path(&key));
     match ingest(&state, id, upload, dataset_dir, form.options).await {
         Ok((report, dataset_dir)) => {
@@ -232,7 +234,7 @@ pub async fn create(
                     "dataset {id} was deleted while it was ingesting"
                 )));
             };
-            std::mem::forget(row_guard);
+            row_guard.disarm();
             dataset_dir.keep();
             tracing::info!(dataset_id = %id, classes = row.classes.len(), images = row.num_train + row.num_val + row.num_test, "dataset stored");
             Ok((
@@ -242,8 +244,8 @@ pub async fn create(
             ))
         }
         Err(err) => {
-            std::mem::forget(row_guard);
             store::discard_ingesting(&state.pool, id).await?;
+            row_guard.disarm();
             Err(err)
         }
     }
@@ -251,31 +253,31 @@ pub async fn create(
 
 /// What the row records of a finished ingest.
 fn ingested(report: &data::IngestReport) -> Ingested<'_> {
-        let counts = |per_class: &[i64]| -> serde_json::Map<String, serde_json::Value> {
-            report
-                .classes
-                .iter()
-                .cloned()
-                .zip(per_class.iter().map(|&n| json!(n)))
-                .collect()
-        };
-        let total = |per_class: &[i64]| per_class.iter().sum::<i64>() as i32;
-        Ingested {
-            classes: &report.classes,
-            counts: json!({
-                "train": counts(&report.train_counts),
-                "val": counts(&report.val_counts),
-                "test": counts(&report.test_counts),
-            }),
-            num_train: total(&report.train_counts),
-            num_val: total(&report.val_counts),
-            num_test: total(&report.test_counts),
-            report: json!({
-                "skipped": report.skipped,
-                "duplicates": report.duplicates,
-                "leakage": report.leakage,
-            }),
-        }
+    let counts = |per_class: &[i64]| -> serde_json::Map<String, serde_json::Value> {
+        report
+            .classes
+            .iter()
+            .cloned()
+            .zip(per_class.iter().map(|&n| json!(n)))
+            .collect()
+    };
+    let total = |per_class: &[i64]| per_class.iter().sum::<i64>() as i32;
+    Ingested {
+        classes: &report.classes,
+        counts: json!({
+            "train": counts(&report.train_counts),
+            "val": counts(&report.val_counts),
+            "test": counts(&report.test_counts),
+        }),
+        num_train: total(&report.train_counts),
+        num_val: total(&report.val_counts),
+        num_test: total(&report.test_counts),
+        report: json!({
+            "skipped": report.skipped,
+            "duplicates": report.duplicates,
+            "leakage": report.leakage,
+        }),
+    }
 }
 
 /// Runs the ingest on a blocking thread, recording its progress on the row
@@ -328,13 +330,22 @@ async fn ingest(
 
 /// Removes the `ingesting` row of a request that was dropped mid-ingest.
 struct DiscardOnDrop {
-    pool: sqlx::PgPool,
+    /// `None` once disarmed.
+    pool: Option<sqlx::PgPool>,
     id: Uuid,
+}
+
+impl DiscardOnDrop {
+    fn disarm(mut self) {
+        self.pool = None;
+    }
 }
 
 impl Drop for DiscardOnDrop {
     fn drop(&mut self) {
-        let (pool, id) = (self.pool.clone(), self.id);
+        let (Some(pool), id) = (self.pool.take(), self.id) else {
+            return;
+        };
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
                 if let Err(err) = store::discard_ingesting(&pool, id).await {
@@ -544,14 +555,16 @@ fn internal(err: std::io::Error) -> ApiError {
 struct RemoveOnDrop(PathBuf);
 
 impl RemoveOnDrop {
-    fn keep(self) {
-        std::mem::forget(self);
+    fn keep(mut self) {
+        self.0 = PathBuf::new();
     }
 }
 
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
-        remove_path(&self.0);
+        if !self.0.as_os_str().is_empty() {
+            remove_path(&self.0);
+        }
     }
 }
 

@@ -489,7 +489,11 @@ fn classify_by_manifest(
                 continue;
             }
         };
-        if row == 0 && record.get(0).is_some_and(|f| f.eq_ignore_ascii_case("path")) {
+        if row == 0
+            && record
+                .get(0)
+                .is_some_and(|f| f.eq_ignore_ascii_case("path"))
+        {
             continue;
         }
         if record.iter().all(str::is_empty) {

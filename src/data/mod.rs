@@ -179,22 +179,27 @@ fn decode_into(
         let decoders: Vec<_> = (0..threads)
             .map(|_| {
                 let (rx, file, done) = (rx.clone(), &file, &done);
-                scope.spawn(move || -> std::io::Result<Vec<(usize, Result<Hash, String>)>> {
-                    let mut results = Vec::new();
-                    for (index, bytes) in rx {
-                        use sha2::{Digest, Sha256};
-                        let outcome = match preprocess::decode_canonical(&bytes) {
-                            Ok(pixels) => {
-                                file.write_all_at(&pixels, (index * preprocess::STORED_BYTES) as u64)?;
-                                Ok(Sha256::digest(&bytes).into())
-                            }
-                            Err(reason) => Err(format!("cannot decode: {reason}")),
-                        };
-                        results.push((index, outcome));
-                        done.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok(results)
-                })
+                scope.spawn(
+                    move || -> std::io::Result<Vec<(usize, Result<Hash, String>)>> {
+                        let mut results = Vec::new();
+                        for (index, bytes) in rx {
+                            use sha2::{Digest, Sha256};
+                            let outcome = match preprocess::decode_canonical(&bytes) {
+                                Ok(pixels) => {
+                                    file.write_all_at(
+                                        &pixels,
+                                        (index * preprocess::STORED_BYTES) as u64,
+                                    )?;
+                                    Ok(Sha256::digest(&bytes).into())
+                                }
+                                Err(reason) => Err(format!("cannot decode: {reason}")),
+                            };
+                            results.push((index, outcome));
+                            done.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(results)
+                    },
+                )
             })
             .collect();
         drop(rx);
@@ -273,7 +278,9 @@ fn store_splits(
     let items: Vec<split::Item> = usable
         .iter()
         .map(|&i| split::Item {
-            label: classes.binary_search(&members[i].class).expect("class checked"),
+            label: classes
+                .binary_search(&members[i].class)
+                .expect("class checked"),
             given: members[i].split,
         })
         .collect();
@@ -323,7 +330,10 @@ fn store_splits(
     index.write(out_dir)?;
 
     let paths: Vec<&str> = usable.iter().map(|&m| members[m].path.as_str()).collect();
-    let item_hashes: Vec<Hash> = usable.iter().map(|&m| hashes[m].expect("decoded")).collect();
+    let item_hashes: Vec<Hash> = usable
+        .iter()
+        .map(|&m| hashes[m].expect("decoded"))
+        .collect();
     let (duplicates, leakage) = find_duplicates(&paths, &item_hashes, &assignment);
     let count = |chosen: &[usize]| split::counts(chosen, &items, classes.len());
     Ok(IngestReport {

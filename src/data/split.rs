@@ -31,8 +31,16 @@ pub fn assign(
     seed: u64,
 ) -> Assignment {
     let given = |split| items.iter().any(|i| i.given == Some(split));
-    let val_fraction = if given(GivenSplit::Val) { 0.0 } else { val_fraction };
-    let test_fraction = if given(GivenSplit::Test) { 0.0 } else { test_fraction };
+    let val_fraction = if given(GivenSplit::Val) {
+        0.0
+    } else {
+        val_fraction
+    };
+    let test_fraction = if given(GivenSplit::Test) {
+        0.0
+    } else {
+        test_fraction
+    };
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut out = Assignment::default();
     for (index, item) in items.iter().enumerate() {

@@ -86,18 +86,28 @@ impl SplitWriter {
 
     pub fn push(&mut self, pixels: &[u8], label: usize) -> std::io::Result<()> {
         assert_eq!(pixels.len(), STORED_BYTES, "a canonical image");
-        assert!(self.labels.len() < self.expected, "more images than declared");
+        assert!(
+            self.labels.len() < self.expected,
+            "more images than declared"
+        );
         self.out.write_all(pixels)?;
         self.labels.push(label as i64);
         Ok(())
     }
 
     pub fn finish(mut self) -> std::io::Result<()> {
-        assert_eq!(self.labels.len(), self.expected, "fewer images than declared");
+        assert_eq!(
+            self.labels.len(),
+            self.expected,
+            "fewer images than declared"
+        );
         for label in &self.labels {
             self.out.write_all(&label.to_le_bytes())?;
         }
-        self.out.into_inner().map_err(|e| e.into_error())?.sync_all()
+        self.out
+            .into_inner()
+            .map_err(|e| e.into_error())?
+            .sync_all()
     }
 }
 
@@ -165,7 +175,14 @@ mod tests {
         writer.finish().unwrap();
 
         let tensors = tch::Tensor::read_safetensors(&path).unwrap();
-        let get = |name: &str| tensors.iter().find(|(n, _)| n == name).unwrap().1.shallow_clone();
+        let get = |name: &str| {
+            tensors
+                .iter()
+                .find(|(n, _)| n == name)
+                .unwrap()
+                .1
+                .shallow_clone()
+        };
         assert_eq!(get("images").size(), vec![3, 3, 256, 256]);
         assert_eq!(get("images").int64_value(&[2, 1, 5, 5]), 80);
         assert_eq!(Vec::<i64>::try_from(get("labels")).unwrap(), vec![4, 5, 6]);

@@ -5,6 +5,7 @@ mod contract;
 mod datasets;
 mod freezing;
 mod helpers;
+mod ingest;
 mod jobs;
 mod lifecycle;
 mod operations;
