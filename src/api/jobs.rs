@@ -40,6 +40,8 @@ pub struct JobView {
     error: Option<String>,
     /// The model this job produced, once it succeeded.
     model_id: Option<Uuid>,
+    /// The best checkpoint's scores on the dataset's test split, when it has one.
+    test_metrics: Option<Value>,
     /// Its attempts (only in `GET /jobs/{id}`).
     #[serde(skip_serializing_if = "Option::is_none")]
     runs: Option<Vec<RunRow>>,
@@ -72,6 +74,7 @@ impl JobView {
             best_val_accuracy: job.best_metric,
             error: job.error,
             model_id: job.model_id,
+            test_metrics: job.test_metrics.map(|m| m.0),
             runs: None,
             created_at: job.created_at,
             started_at: job.started_at,

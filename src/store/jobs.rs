@@ -33,6 +33,8 @@ pub struct JobRow {
     pub cancel_requested: bool,
     /// The model the job produced, once it succeeded.
     pub model_id: Option<Uuid>,
+    /// The best checkpoint's scores on the dataset's test split.
+    pub test_metrics: Option<Json<Value>>,
 }
 
 /// Every status a job can have.
@@ -43,7 +45,8 @@ pub const TERMINAL: [&str; 3] = ["succeeded", "failed", "cancelled"];
 
 const COLUMNS: &str = "id, dataset_id, config, status, priority, attempts, max_attempts, error, \
      epoch, best_epoch, best_metric, created_at, started_at, finished_at, updated_at, \
-     progress, cancel_requested, (SELECT m.id FROM models m WHERE m.job_id = jobs.id) AS model_id";
+     progress, cancel_requested, (SELECT m.id FROM models m WHERE m.job_id = jobs.id) AS model_id, \
+     test_metrics";
 
 pub struct NewJob<'a> {
     pub dataset_id: Uuid,
@@ -202,6 +205,20 @@ pub async fn finish(
     .await?
     .rows_affected();
     Ok(done == 1)
+}
+
+/// Records the best checkpoint's test-split scores.
+pub async fn set_test_metrics(
+    tx: &mut sqlx::PgConnection,
+    id: Uuid,
+    metrics: Value,
+) -> sqlx::Result<()> {
+    sqlx::query("UPDATE jobs SET test_metrics = $2 WHERE id = $1")
+        .bind(id)
+        .bind(Json(metrics))
+        .execute(tx)
+        .await
+        .map(drop)
 }
 
 /// Starts a run row for this attempt.

@@ -22,6 +22,7 @@ pub struct JobRequest {
     pub image_size: Option<i64>,
     pub seed: Option<i64>,
     pub learning_rate: Option<f64>,
+    pub pretrained: Option<bool>,
     pub freeze: Option<String>,
     pub trainable_stages: Option<i64>,
     pub unfreeze_every: Option<i64>,
@@ -118,6 +119,10 @@ pub struct JobConfig {
     pub image_size: i64,
     pub seed: i64,
     pub learning_rate: f64,
+    /// Start from the backbone's ImageNet weights (the point of the
+    /// service); `false` trains from random initialization, as a baseline.
+    #[serde(default = "yes")]
+    pub pretrained: bool,
     pub freeze: Freeze,
     pub trainable_stages: i64,
     pub unfreeze_every: i64,
@@ -202,6 +207,10 @@ impl Checker {
     }
 }
 
+fn yes() -> bool {
+    true
+}
+
 impl JobRequest {
     /// Fills defaults and checks every field, reporting all problems at once.
     /// A backbone whose weights are not installed in `weights_dir` is refused.
@@ -217,14 +226,25 @@ impl JobRequest {
                     models::CATALOGUE.iter().map(|b| b.name).collect::<Vec<_>>().join(", ")
                 ),
             )),
-            Some(spec) if !spec.weights_path(weights_dir).exists() => c.errors.push(FieldError::new(
+            Some(spec)
+                if self.pretrained != Some(false) && !spec.weights_path(weights_dir).exists() =>
+            {
+                c.errors.push(FieldError::new(
                 "backbone",
                 format!(
                     "pretrained weights for {backbone} are not installed ({} missing; scripts/setup installs them)",
                     spec.weights_path(weights_dir).display()
                 ),
-            )),
+            ))
+            }
             Some(_) => {}
+        }
+        let pretrained = self.pretrained.unwrap_or(true);
+        if !pretrained && self.freeze.as_deref().unwrap_or("head") != "full" {
+            c.errors.push(FieldError::new(
+                "pretrained",
+                "training from scratch (pretrained: false) needs freeze: full; a random frozen backbone learns nothing",
+            ));
         }
         let default_size = spec.map_or(224, |s| s.default_image_size);
         // Unknown backbone: already reported; do not add a stage-count error.
@@ -238,6 +258,7 @@ impl JobRequest {
             image_size: c.int("image_size", self.image_size, default_size, 32, 1024),
             seed: c.int("seed", self.seed, 0, 0, i64::MAX),
             learning_rate: c.float("learning_rate", self.learning_rate, 1e-3, 1e-8, 10.0),
+            pretrained,
             freeze: c.choice(
                 "freeze",
                 self.freeze.as_deref(),

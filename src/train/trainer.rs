@@ -75,6 +75,23 @@ pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(500);
 pub struct TrainSummary {
     pub best_epoch: i32,
     pub best_metric: f64,
+    /// The best checkpoint's scores on the dataset's test split, if it has one.
+    pub test: Option<TestMetrics>,
+}
+
+/// Scores of the best checkpoint on the held-out test split, measured once
+/// at the end of a run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TestMetrics {
+    pub epoch: i32,
+    pub images: i64,
+    pub loss: f64,
+    pub accuracy: f64,
+    pub macro_f1: f64,
+    pub top_k: i64,
+    pub top_k_accuracy: f64,
+    pub per_class: Vec<crate::store::metrics::ClassMetrics>,
+    pub confusion_matrix: Vec<Vec<i64>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -128,7 +145,7 @@ fn train_inner(
     let backbone = models::find(&cfg.backbone)
         .ok_or_else(|| TrainError::UnknownBackbone(cfg.backbone.clone()))?;
     let weights = backbone.weights_path(&spec.weights_dir);
-    if !weights.exists() {
+    if cfg.pretrained && !weights.exists() {
         return Err(TrainError::MissingWeights {
             backbone: cfg.backbone.clone(),
             path: weights.display().to_string(),
@@ -145,7 +162,8 @@ fn train_inner(
     tch::manual_seed(cfg.seed);
     let mut vs = nn::VarStore::new(spec.device);
     let num_classes = spec.labels.len() as i64;
-    let mut model = Classifier::new(&mut vs, backbone, num_classes, Some(&weights))?;
+    let pretrained = cfg.pretrained.then_some(weights.as_path());
+    let mut model = Classifier::new(&mut vs, backbone, num_classes, pretrained)?;
     if first_epoch > 1 {
         vs.load(epoch_checkpoint(&spec.job_dir, first_epoch - 1))?;
     }
@@ -283,9 +301,33 @@ fn train_inner(
         }
     }
     let (best_epoch, best_metric) = best.ok_or(TrainError::Stopped)?;
+    let test = if spec.dataset_dir.join(data::TEST_FILE).exists() {
+        vs.load(spec.job_dir.join(BEST_CHECKPOINT))?;
+        let (test_x, test_y) = data::load_split(&spec.dataset_dir, data::TEST_FILE)?;
+        let logits = |start: i64, len: i64| {
+            let xs = test_x.narrow(0, start, len).to_device(spec.device);
+            model.forward_t(&preprocess::model_input(&xs, cfg.image_size, &norm), false)
+        };
+        let eval = evaluate(logits, &test_y, spec, class_weights.as_ref());
+        let per_class = eval.confusion.per_class(&spec.labels);
+        Some(TestMetrics {
+            epoch: best_epoch,
+            images: test_y.size()[0],
+            loss: eval.loss,
+            accuracy: eval.confusion.accuracy(),
+            macro_f1: macro_f1(&per_class),
+            top_k: eval.k,
+            top_k_accuracy: eval.top_k_accuracy,
+            per_class,
+            confusion_matrix: eval.confusion.matrix,
+        })
+    } else {
+        None
+    };
     Ok(TrainSummary {
         best_epoch,
         best_metric,
+        test,
     })
 }
 

@@ -395,6 +395,9 @@ impl Worker {
                     },
                 )
                 .await?;
+                if let Some(test) = &summary.test {
+                    jobs::set_test_metrics(&mut tx, job.id, serde_json::to_value(test)?).await?;
+                }
                 store::models::deploy_if_first(&mut tx, model_id).await?;
                 jobs::finish(&mut tx, job.id, &self.id, "succeeded", None).await?;
                 jobs::finish_run(&mut tx, run_id, "succeeded", None).await?;

@@ -496,38 +496,3 @@ pub fn shapes_zip(per_class: u64, side: u32) -> Vec<u8> {
     }
     zip(&entries)
 }
-
-/// Fashion-MNIST's class names, by label.
-pub const FASHION_CLASSES: [&str; 10] = [
-    "tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot",
-];
-
-/// The first `per_class` test-set photos of each wanted Fashion-MNIST label
-/// (28×28 grayscale), from Debian's dataset-fashion-mnist unpacked by
-/// `scripts/setup`.
-pub fn fashion_mnist(labels: &[usize], per_class: usize) -> Vec<(usize, image::GrayImage)> {
-    use std::io::Read;
-    let dir = fixtures_dir().join("fashion-mnist");
-    let read = |name: &str| {
-        let file = std::fs::File::open(dir.join(name))
-            .unwrap_or_else(|e| panic!("{name}: {e}; run scripts/setup"));
-        let mut bytes = Vec::new();
-        flate2::read::GzDecoder::new(file)
-            .read_to_end(&mut bytes)
-            .expect("gunzip");
-        bytes
-    };
-    let images = read("t10k-images-idx3-ubyte.gz");
-    let all_labels = read("t10k-labels-idx1-ubyte.gz");
-    let mut taken = vec![0; FASHION_CLASSES.len()];
-    let mut out = Vec::new();
-    for (i, &label) in all_labels[8..].iter().enumerate() {
-        let label = label as usize;
-        if labels.contains(&label) && taken[label] < per_class {
-            taken[label] += 1;
-            let pixels = images[16 + i * 784..16 + (i + 1) * 784].to_vec();
-            out.push((label, image::GrayImage::from_raw(28, 28, pixels).unwrap()));
-        }
-    }
-    out
-}

@@ -8,9 +8,8 @@ use finetuned::data::preprocess;
 use image::{DynamicImage, GrayImage, ImageFormat};
 use serde_json::{json, Value};
 
-use crate::helpers::{
-    encode, fashion_mnist, render, shapes_zip, zip, Part, TestApp, FASHION_CLASSES,
-};
+use crate::fashion::{fashion_mnist, FASHION_CLASSES};
+use crate::helpers::{encode, render, shapes_zip, zip, Part, TestApp};
 
 const TROUSER: usize = 1;
 const BAG: usize = 8;

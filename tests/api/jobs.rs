@@ -29,6 +29,16 @@ async fn invalid_job_configurations_name_every_bad_field_and_queue_nothing() {
     paths.sort();
     assert_eq!(paths, ["backbone", "epochs", "freeze", "learning_rate"]);
 
+    // From scratch with a frozen base would train nothing.
+    let scratch = app
+        .post_json(
+            "/jobs",
+            &json!({ "dataset_id": dataset_id, "pretrained": false, "freeze": "head" }),
+        )
+        .await;
+    let errors = scratch.assert_problem(StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(errors[0]["path"], "pretrained");
+
     let typo = app
         .post_json("/jobs", &json!({ "dataset_id": dataset_id, "epoch": 3 }))
         .await;

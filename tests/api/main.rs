@@ -3,6 +3,7 @@
 
 mod contract;
 mod datasets;
+mod fashion;
 mod freezing;
 mod helpers;
 mod ingest;

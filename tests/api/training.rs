@@ -17,10 +17,19 @@ async fn upload_train_and_predict_beats_chance_by_far() {
         .await;
     let _ = reply.assert_problem(StatusCode::NOT_FOUND); // nothing trained yet
 
-    let dataset = app.upload_dataset(shapes_zip(15, 96)).await;
+    let dataset = app
+        .post_multipart(
+            "/datasets",
+            &[
+                Part::text("test_fraction", "0.2"),
+                Part::file("file", "shapes.zip", shapes_zip(15, 96)),
+            ],
+        )
+        .await;
     assert_eq!(dataset.status, StatusCode::CREATED, "{:?}", dataset.json);
-    assert_eq!(dataset.json["num_train"], 36);
+    assert_eq!(dataset.json["num_train"], 27);
     assert_eq!(dataset.json["num_val"], 9);
+    assert_eq!(dataset.json["num_test"], 9);
 
     let job = app
         .post_json(
@@ -54,6 +63,18 @@ async fn upload_train_and_predict_beats_chance_by_far() {
     assert_eq!(job["attempts"], 1);
     let best_epoch = job["best_epoch"].as_i64().expect("best epoch");
     let model_id = job["model_id"].as_str().expect("model id").to_string();
+    // The best checkpoint was scored once on the held-out test split.
+    let test = &job["test_metrics"];
+    assert_eq!(test["epoch"], best_epoch, "{test:?}");
+    assert_eq!(test["images"], 9);
+    let tested: i64 = test["confusion_matrix"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|row| row.as_array().unwrap().iter().map(|v| v.as_i64().unwrap()))
+        .sum();
+    assert_eq!(tested, 9);
+    assert!(test["accuracy"].as_f64().unwrap() >= 0.6, "{test:?}");
 
     let metrics = app.get(&format!("/jobs/{job_id}/metrics")).await.json;
     let epochs = metrics["epochs"].as_array().unwrap();
