@@ -15,7 +15,7 @@ use uuid::Uuid;
 use super::extract::ApiQuery;
 use super::{parse_id, AppState};
 use crate::artifacts::Artifacts;
-use crate::data::{self, stored, DataError, IngestOptions, Progress};
+use crate::data::{self, preprocess, stored, DataError, IngestOptions, Progress};
 use crate::error::{ApiError, FieldError};
 use crate::store::datasets::{self as store, DatasetRow, Ingested};
 
@@ -39,6 +39,7 @@ pub struct UploadParams {
     seed: Option<String>,
     min_per_class: Option<String>,
     strict: Option<String>,
+    stored_size: Option<String>,
 }
 
 /// Content types of a raw-body upload (the archive's kind is read from its
@@ -83,6 +84,17 @@ impl UploadForm {
                     "must be an integer in [1, 100000]",
                 )),
             },
+            "stored_size" => match value.trim().parse::<u32>() {
+                Ok(v) if preprocess::STORED_SIZES.contains(&v) => self.options.stored_size = v,
+                _ => errors.push(FieldError::new(
+                    "stored_size",
+                    format!(
+                        "must be an integer in [{}, {}]",
+                        preprocess::STORED_SIZES.start(),
+                        preprocess::STORED_SIZES.end()
+                    ),
+                )),
+            },
             "strict" => match value.trim().to_ascii_lowercase().as_str() {
                 "true" | "1" => self.options.strict = true,
                 "false" | "0" => self.options.strict = false,
@@ -90,7 +102,7 @@ impl UploadForm {
             },
             other => errors.push(FieldError::new(
                 other,
-                "unknown form field; expected file, name, val_fraction, test_fraction, seed, min_per_class or strict",
+                "unknown form field; expected file, name, val_fraction, test_fraction, seed, min_per_class, strict or stored_size",
             )),
         }
     }
@@ -159,6 +171,7 @@ pub async fn create(
         ("seed", &params.seed),
         ("min_per_class", &params.min_per_class),
         ("strict", &params.strict),
+        ("stored_size", &params.stored_size),
     ] {
         if let Some(value) = value {
             form.set(field, value, &mut errors);
@@ -224,7 +237,8 @@ pub async fn create(
         pool: Some(state.pool.clone()),
         id,
     };
-    store::insert_ingesting(&state.pool, id, &name, bytes as i64, &key).await?;
+    let stored_size = form.options.stored_size as i32;
+    store::insert_ingesting(&state.pool, id, &name, bytes as i64, stored_size, &key).await?;
     let dataset_dir = RemoveOnDrop(state.artifacts.path(&key));
     match ingest(&state, id, upload, dataset_dir, form.options).await {
         Ok((report, dataset_dir)) => {

@@ -139,12 +139,13 @@ pub async fn export(
         "backbone": model.backbone,
         "labels": model.labels.0,
         "image_size": model.image_size,
+        "stored_size": model.stored_size,
         "preprocessing": {
             "normalization": model.normalization.0,
             "steps": [
                 "decode, convert to RGB",
-                "resize the shorter side to 256 (bilinear, antialiased), center-crop 256x256",
-                "center-crop 224x224, resize to image_size x image_size (bilinear, antialiased)",
+                format!("resize the shorter side to stored_size = {s} (bilinear, antialiased), center-crop {s}x{s}", s = model.stored_size),
+                format!("center-crop {c}x{c} (224/256 of the side), resize to image_size x image_size (bilinear, antialiased)", c = (model.stored_size * 224 + 128) / 256),
                 "scale to [0, 1], subtract mean, divide by std (per channel, RGB)",
             ],
         },
@@ -154,7 +155,7 @@ pub async fn export(
     // Fetches the checkpoint from the shared store if this host lacks it.
     let spec = model_spec(&state, &model).await?;
     let (file, contents) = if format == "torchscript" {
-        card["module"] = json!("model.pt: TorchScript. forward(images) takes uint8 [N, 3, 256, 256] RGB images after the first two steps (decode; shorter side to 256, center crop) and returns softmax scores [N, classes] in the order of labels; the remaining steps are inside.");
+        card["module"] = json!(format!("model.pt: TorchScript. forward(images) takes uint8 [N, 3, {s}, {s}] RGB images after the first two steps (decode; shorter side to {s}, center crop) and returns softmax scores [N, classes] in the order of labels; the remaining steps are inside.", s = model.stored_size));
         card.as_object_mut().unwrap().remove("weights");
         let out = state.artifacts.temp_file(".pt");
         let traced = out.clone();

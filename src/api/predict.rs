@@ -97,14 +97,16 @@ pub async fn predict(
         ));
     }
 
-    // Decode on the blocking pool, as many at once as there are permits.
+    // Decode on the blocking pool, as many at once as there are permits, to
+    // the side the model's dataset was stored at.
+    let stored_size = model.stored_size as u32;
     let decoded = join_all(uploads.iter().map(|upload| {
         let bytes = upload.bytes.clone();
         let permits = state.decode_permits.clone();
         async move {
             let bytes = bytes?;
             let _permit = permits.acquire_owned().await.map_err(|e| e.to_string())?;
-            tokio::task::spawn_blocking(move || preprocess::decode_canonical(&bytes))
+            tokio::task::spawn_blocking(move || preprocess::decode_at(&bytes, stored_size))
                 .await
                 .map_err(|e| e.to_string())?
                 .map_err(|reason| format!("cannot decode: {reason}"))

@@ -70,6 +70,9 @@ pub struct IngestOptions {
     /// Reject the upload when any image cannot be decoded, instead of
     /// skipping it.
     pub strict: bool,
+    /// Side the images are stored at: shorter side resized to it (aspect
+    /// kept), then the centre square.
+    pub stored_size: u32,
 }
 
 impl Default for IngestOptions {
@@ -80,6 +83,7 @@ impl Default for IngestOptions {
             seed: 0,
             min_train_per_class: 2,
             strict: false,
+            stored_size: preprocess::STORED_SIZE,
         }
     }
 }
@@ -134,7 +138,7 @@ pub fn ingest_archive(
     }
     std::fs::create_dir_all(out_dir)?;
     let staging = out_dir.join(STAGING_FILE);
-    let decoded = decode_into(&listing, archive, &staging, progress);
+    let decoded = decode_into(&listing, archive, &staging, opts.stored_size, progress);
     let decoded = match decoded {
         Ok(decoded) => decoded,
         Err(err) => {
@@ -157,12 +161,13 @@ type Hash = [u8; 32];
 type Decoded = Vec<Result<Hash, String>>;
 
 /// Decodes every member on all cores into its slot of the staging file
-/// (member `i` at `i * STORED_BYTES`). The archive is read on this thread;
+/// (member `i` at `i` × the image's bytes). The archive is read on this thread;
 /// a bounded queue keeps only a few encoded images in memory.
 fn decode_into(
     listing: &archive::Listing,
     archive: &Path,
     staging: &Path,
+    side: u32,
     progress: &(dyn Fn(Progress) + Sync),
 ) -> Result<Decoded, DataError> {
     use std::os::unix::fs::FileExt;
@@ -170,7 +175,8 @@ fn decode_into(
 
     let total = listing.members.len();
     let file = std::fs::File::create(staging)?;
-    file.set_len((total * preprocess::STORED_BYTES) as u64)?;
+    let image_bytes = preprocess::stored_bytes(side);
+    file.set_len((total * image_bytes) as u64)?;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let (tx, rx) = crossbeam_channel::bounded::<(usize, Vec<u8>)>(2 * threads);
     let done = AtomicUsize::new(0);
@@ -184,12 +190,9 @@ fn decode_into(
                         let mut results = Vec::new();
                         for (index, bytes) in rx {
                             use sha2::{Digest, Sha256};
-                            let outcome = match preprocess::decode_canonical(&bytes) {
+                            let outcome = match preprocess::decode_at(&bytes, side) {
                                 Ok(pixels) => {
-                                    file.write_all_at(
-                                        &pixels,
-                                        (index * preprocess::STORED_BYTES) as u64,
-                                    )?;
+                                    file.write_all_at(&pixels, (index * image_bytes) as u64)?;
                                     Ok(Sha256::digest(&bytes).into())
                                 }
                                 Err(reason) => Err(format!("cannot decode: {reason}")),
@@ -297,7 +300,8 @@ fn store_splits(
     let total = usable.len();
     let mut done = 0;
     let mut index = stored::Index::default();
-    let mut pixels = vec![0u8; preprocess::STORED_BYTES];
+    let image_bytes = preprocess::stored_bytes(opts.stored_size);
+    let mut pixels = vec![0u8; image_bytes];
     for (file, chosen, entries) in [
         (stored::TRAIN_FILE, &assignment.train, &mut index.train),
         (stored::VAL_FILE, &assignment.val, &mut index.val),
@@ -306,11 +310,12 @@ fn store_splits(
         if chosen.is_empty() && file == stored::TEST_FILE {
             continue;
         }
-        let mut writer = stored::SplitWriter::create(&out_dir.join(file), chosen.len())?;
+        let mut writer =
+            stored::SplitWriter::create(&out_dir.join(file), chosen.len(), opts.stored_size)?;
         for &item in chosen.iter() {
             use std::os::unix::fs::FileExt;
             let member = usable[item];
-            staging.read_exact_at(&mut pixels, (member * preprocess::STORED_BYTES) as u64)?;
+            staging.read_exact_at(&mut pixels, (member * image_bytes) as u64)?;
             writer.push(&pixels, items[item].label)?;
             entries.push(stored::IndexEntry {
                 path: members[member].path.clone(),
@@ -379,7 +384,7 @@ fn find_duplicates(
     (duplicates, leakage)
 }
 
-/// Reads a stored split: uint8 images `[N, 3, 256, 256]` and int64 labels `[N]`.
+/// Reads a stored split: uint8 images `[N, 3, S, S]` and int64 labels `[N]`.
 pub fn load_split(dir: &Path, file: &str) -> Result<(Tensor, Tensor), DataError> {
     let tensors = Tensor::read_safetensors(dir.join(file))?;
     let mut images = None;

@@ -2,8 +2,9 @@
 //! through these two functions, so a served model sees exactly what its
 //! evaluation saw.
 //!
-//! 1. [`decode_canonical`] (once per image, at ingest or at request time):
-//!    decode, convert to RGB, resize the shorter side to [`STORED_SIZE`] and
+//! 1. [`decode_at`] (once per image, at ingest or at request time):
+//!    decode, convert to RGB, resize the shorter side to the dataset's
+//!    stored size ([`STORED_SIZE`] by default) keeping the aspect ratio, and
 //!    center-crop to a square, kept as uint8 CHW.
 //! 2. [`model_input`] (per batch, as tensor ops on the model's device):
 //!    center-crop the classic 224/256 fraction, resize to the model's input
@@ -17,13 +18,21 @@ use image::{DynamicImage, ImageReader, Limits};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-/// Side of the stored square images.
+/// Default side of the stored square images.
 pub const STORED_SIZE: u32 = 256;
-/// Bytes of one stored image (3 × 256 × 256).
-pub const STORED_BYTES: usize = 3 * (STORED_SIZE * STORED_SIZE) as usize;
-/// Side of the center crop taken from a stored image before resizing
-/// (the 224-of-256 crop torchvision's ImageNet evaluation uses).
-const CROP_SIZE: i64 = 224;
+/// Bytes of one stored image at the default side (3 × 256 × 256).
+pub const STORED_BYTES: usize = stored_bytes(STORED_SIZE);
+/// Sides a dataset may be stored at.
+pub const STORED_SIZES: std::ops::RangeInclusive<u32> = 32..=1024;
+/// The center crop taken from a stored image before resizing is this share
+/// of its side (the 224-of-256 crop torchvision's ImageNet evaluation uses).
+const CROP_NUMERATOR: i64 = 224;
+const CROP_DENOMINATOR: i64 = 256;
+
+/// Bytes of one stored image of this side.
+pub const fn stored_bytes(side: u32) -> usize {
+    3 * (side as usize) * (side as usize)
+}
 /// Images larger than this many pixels are refused before full decode.
 const MAX_PIXELS: u64 = 64 * 1024 * 1024;
 
@@ -41,9 +50,14 @@ impl Normalization {
     };
 }
 
-/// Decodes an encoded image into its canonical stored form: `STORED_BYTES`
-/// of uint8 RGB, channels first.
+/// [`decode_at`] the default stored size.
 pub fn decode_canonical(bytes: &[u8]) -> Result<Vec<u8>, String> {
+    decode_at(bytes, STORED_SIZE)
+}
+
+/// Decodes an encoded image into its canonical stored form: `side`² × 3
+/// bytes of uint8 RGB, channels first.
+pub fn decode_at(bytes: &[u8], side: u32) -> Result<Vec<u8>, String> {
     let mut reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| e.to_string())?;
@@ -63,8 +77,8 @@ pub fn decode_canonical(bytes: &[u8]) -> Result<Vec<u8>, String> {
     let mut image = DynamicImage::from_decoder(decoder).map_err(|e| e.to_string())?;
     image.apply_orientation(orientation);
     let rgb = DynamicImage::ImageRgb8(image.into_rgb8());
-    let mut square = fir::images::Image::new(STORED_SIZE, STORED_SIZE, fir::PixelType::U8x3);
-    // Shorter side to 256, centered crop to a square; bilinear with the
+    let mut square = fir::images::Image::new(side, side, fir::PixelType::U8x3);
+    // Shorter side to `side`, centered crop to a square; bilinear with the
     // filter widened when shrinking (antialiased), SIMD-accelerated.
     let options = fir::ResizeOptions::new()
         .resize_alg(fir::ResizeAlg::Convolution(fir::FilterType::Bilinear))
@@ -72,8 +86,8 @@ pub fn decode_canonical(bytes: &[u8]) -> Result<Vec<u8>, String> {
     fir::Resizer::new()
         .resize(&rgb, &mut square, &options)
         .map_err(|e| e.to_string())?;
-    let plane = (STORED_SIZE * STORED_SIZE) as usize;
-    let mut chw = vec![0u8; STORED_BYTES];
+    let plane = (side * side) as usize;
+    let mut chw = vec![0u8; stored_bytes(side)];
     for (i, pixel) in square.buffer().chunks_exact(3).enumerate() {
         chw[i] = pixel[0];
         chw[plane + i] = pixel[1];
@@ -82,7 +96,7 @@ pub fn decode_canonical(bytes: &[u8]) -> Result<Vec<u8>, String> {
     Ok(chw)
 }
 
-/// Turns canonical images into model input. Accepts uint8 `[N, 3, 256, 256]`
+/// Turns canonical images into model input. Accepts uint8 `[N, 3, S, S]`
 /// on any device; returns float `[N, 3, size, size]` on the same device.
 pub fn model_input(stored: &Tensor, image_size: i64, norm: &Normalization) -> Tensor {
     normalize(&center_view(stored, image_size), norm)
@@ -91,11 +105,13 @@ pub fn model_input(stored: &Tensor, image_size: i64, norm: &Normalization) -> Te
 /// The evaluation view of canonical images: the center crop, resized to
 /// `image_size`, in [0, 1].
 pub fn center_view(stored: &Tensor, image_size: i64) -> Tensor {
-    let offset = (i64::from(STORED_SIZE) - CROP_SIZE) / 2;
+    let side = stored.size()[2];
+    let crop_size = (side * CROP_NUMERATOR + CROP_DENOMINATOR / 2) / CROP_DENOMINATOR;
+    let offset = (side - crop_size) / 2;
     let crop = to_unit(
         &stored
-            .narrow(2, offset, CROP_SIZE)
-            .narrow(3, offset, CROP_SIZE),
+            .narrow(2, offset, crop_size)
+            .narrow(3, offset, crop_size),
     );
     resize(&crop, image_size)
 }
@@ -118,11 +134,11 @@ pub fn resize(images: &Tensor, size: i64) -> Tensor {
 /// Side of the canonical image scaled so that its center crop is `image_size`
 /// (the working size of training augmentation).
 pub fn working_size(image_size: i64) -> i64 {
-    (image_size * i64::from(STORED_SIZE) + CROP_SIZE / 2) / CROP_SIZE
+    (image_size * CROP_DENOMINATOR + CROP_NUMERATOR / 2) / CROP_NUMERATOR
 }
 
 /// Fraction of the canonical image the center crop covers.
-pub const CROP_FRACTION: f64 = CROP_SIZE as f64 / STORED_SIZE as f64;
+pub const CROP_FRACTION: f64 = CROP_NUMERATOR as f64 / CROP_DENOMINATOR as f64;
 
 /// Subtracts the mean and divides by the std, per channel.
 pub fn normalize(images: &Tensor, norm: &Normalization) -> Tensor {
@@ -150,9 +166,11 @@ impl Normalization {
     }
 }
 
-/// Stacks canonical images (each `STORED_BYTES` long) into a uint8 tensor.
+/// Stacks canonical images (all of one side) into a uint8 tensor.
 pub fn stack_canonical(images: &[Vec<u8>]) -> Tensor {
-    let side = i64::from(STORED_SIZE);
+    let side = images
+        .first()
+        .map_or(0, |i| ((i.len() / 3) as f64).sqrt() as i64);
     let flat: Vec<u8> = images.concat();
     Tensor::from_slice(&flat).view([images.len() as i64, 3, side, side])
 }

@@ -1,5 +1,5 @@
 //! The decode-once store of a dataset: one safetensors file per split
-//! (uint8 images `[N, 3, 256, 256]`, int64 labels `[N]`), written as a
+//! (uint8 images `[N, 3, S, S]`, int64 labels `[N]`), written as a
 //! stream so a split never has to fit in memory, and an index of which
 //! source file each stored image came from.
 
@@ -10,7 +10,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::preprocess::{STORED_BYTES, STORED_SIZE};
+use super::preprocess::stored_bytes;
 
 pub const TRAIN_FILE: &str = "train.safetensors";
 pub const VAL_FILE: &str = "val.safetensors";
@@ -59,16 +59,17 @@ impl Index {
 pub struct SplitWriter {
     out: BufWriter<File>,
     expected: usize,
+    image_bytes: usize,
     labels: Vec<i64>,
 }
 
 impl SplitWriter {
-    pub fn create(path: &Path, count: usize) -> std::io::Result<Self> {
-        let image_bytes = count * STORED_BYTES;
-        let side = STORED_SIZE as usize;
+    /// A file for `count` images of `side` × `side` pixels.
+    pub fn create(path: &Path, count: usize, side: u32) -> std::io::Result<Self> {
+        let total = count * stored_bytes(side);
         let header = json!({
-            "images": {"dtype": "U8", "shape": [count, 3, side, side], "data_offsets": [0, image_bytes]},
-            "labels": {"dtype": "I64", "shape": [count], "data_offsets": [image_bytes, image_bytes + 8 * count]},
+            "images": {"dtype": "U8", "shape": [count, 3, side, side], "data_offsets": [0, total]},
+            "labels": {"dtype": "I64", "shape": [count], "data_offsets": [total, total + 8 * count]},
         })
         .to_string();
         // The data starts 8-byte aligned, as safetensors readers expect.
@@ -80,12 +81,13 @@ impl SplitWriter {
         Ok(Self {
             out,
             expected: count,
+            image_bytes: stored_bytes(side),
             labels: Vec::with_capacity(count),
         })
     }
 
     pub fn push(&mut self, pixels: &[u8], label: usize) -> std::io::Result<()> {
-        assert_eq!(pixels.len(), STORED_BYTES, "a canonical image");
+        assert_eq!(pixels.len(), self.image_bytes, "a canonical image");
         assert!(
             self.labels.len() < self.expected,
             "more images than declared"
@@ -129,6 +131,8 @@ pub fn read_image(path: &Path, slot: usize) -> std::io::Result<Vec<u8>> {
         .as_u64()
         .ok_or_else(|| std::io::Error::other("no images tensor"))?;
     let count = header["images"]["shape"][0].as_u64().unwrap_or(0);
+    let side = header["images"]["shape"][2].as_u64().unwrap_or(0) as u32;
+    let image_bytes = stored_bytes(side);
     if slot as u64 >= count {
         return Err(std::io::Error::new(
             std::io::ErrorKind::NotFound,
@@ -136,21 +140,22 @@ pub fn read_image(path: &Path, slot: usize) -> std::io::Result<Vec<u8>> {
         ));
     }
     file.seek(SeekFrom::Start(
-        8 + header_len + start + (slot * STORED_BYTES) as u64,
+        8 + header_len + start + (slot * image_bytes) as u64,
     ))?;
-    let mut pixels = vec![0u8; STORED_BYTES];
+    let mut pixels = vec![0u8; image_bytes];
     file.read_exact(&mut pixels)?;
     Ok(pixels)
 }
 
 /// A small PNG of a canonical image, for a UI's thumbnails.
-pub fn thumbnail_png(pixels: &[u8], side: u32) -> Vec<u8> {
-    let plane = (STORED_SIZE * STORED_SIZE) as usize;
-    let rgb = image::RgbImage::from_fn(STORED_SIZE, STORED_SIZE, |x, y| {
-        let i = (y * STORED_SIZE + x) as usize;
+pub fn thumbnail_png(pixels: &[u8], thumbnail_side: u32) -> Vec<u8> {
+    let side = ((pixels.len() / 3) as f64).sqrt() as u32;
+    let plane = (side * side) as usize;
+    let rgb = image::RgbImage::from_fn(side, side, |x, y| {
+        let i = (y * side + x) as usize;
         image::Rgb([pixels[i], pixels[plane + i], pixels[2 * plane + i]])
     });
-    let small = image::imageops::thumbnail(&rgb, side, side);
+    let small = image::imageops::thumbnail(&rgb, thumbnail_side, thumbnail_side);
     let mut png = Vec::new();
     small
         .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
@@ -167,8 +172,8 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("stored-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join(TRAIN_FILE);
-        let images: Vec<Vec<u8>> = (0..3u8).map(|v| vec![v * 40; STORED_BYTES]).collect();
-        let mut writer = SplitWriter::create(&path, 3).unwrap();
+        let images: Vec<Vec<u8>> = (0..3u8).map(|v| vec![v * 40; stored_bytes(64)]).collect();
+        let mut writer = SplitWriter::create(&path, 3, 64).unwrap();
         for (i, image) in images.iter().enumerate() {
             writer.push(image, i + 4).unwrap();
         }
@@ -183,7 +188,7 @@ mod tests {
                 .1
                 .shallow_clone()
         };
-        assert_eq!(get("images").size(), vec![3, 3, 256, 256]);
+        assert_eq!(get("images").size(), vec![3, 3, 64, 64]);
         assert_eq!(get("images").int64_value(&[2, 1, 5, 5]), 80);
         assert_eq!(Vec::<i64>::try_from(get("labels")).unwrap(), vec![4, 5, 6]);
         assert_eq!(read_image(&path, 1).unwrap(), images[1]);

@@ -29,6 +29,8 @@ pub struct ModelSpec {
     pub backbone: String,
     pub labels: Vec<String>,
     pub image_size: i64,
+    /// Side requests are decoded to (the side its dataset was stored at).
+    pub stored_size: u32,
     pub normalization: Normalization,
 }
 
@@ -44,6 +46,7 @@ impl ModelSpec {
             backbone: model.backbone.clone(),
             labels: model.labels.0.clone(),
             image_size: i64::from(model.image_size),
+            stored_size: model.stored_size as u32,
             normalization: serde_json::from_value(model.normalization.0.clone())?,
         })
     }
@@ -173,7 +176,7 @@ impl Predictor {
             let (reply, answer) = oneshot::channel();
             let request = Request {
                 model: model.clone(),
-                images: vec![vec![0; preprocess::STORED_BYTES]],
+                images: vec![vec![0; preprocess::stored_bytes(model.stored_size)]],
                 top_k: 1,
                 reply,
             };
@@ -399,11 +402,12 @@ pub fn forward_probabilities(
 }
 
 /// Writes the model as a TorchScript module that takes canonical images
-/// (uint8 `[N, 3, 256, 256]`) and returns softmax scores `[N, classes]`: the
+/// (uint8 `[N, 3, S, S]`, S the model's stored size) and returns softmax
+/// scores `[N, classes]`: the
 /// serving network traced with the preprocessing that follows decoding.
 pub fn export_torchscript(spec: &ModelSpec, out: &std::path::Path) -> Result<(), String> {
     let model = load(spec, Device::Cpu)?;
-    let side = preprocess::STORED_SIZE as i64;
+    let side = i64::from(spec.stored_size);
     let example = Tensor::zeros([1, 3, side, side], (Kind::Uint8, Device::Cpu));
     let traced = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         tch::no_grad(|| {
@@ -465,6 +469,7 @@ mod tests {
             backbone: spec.name.into(),
             labels: (0..classes).map(|i| format!("class{i}")).collect(),
             image_size: 64,
+            stored_size: preprocess::STORED_SIZE,
             normalization: Normalization::IMAGENET,
         }
     }

@@ -17,6 +17,9 @@ pub struct DatasetRow {
     pub num_train: i32,
     pub num_val: i32,
     pub num_test: i32,
+    /// Side the images are stored at (shorter side resized to it, then the
+    /// centre square).
+    pub stored_size: i32,
     pub bytes: i64,
     #[serde(skip)]
     pub artifact_key: String,
@@ -44,17 +47,19 @@ pub async fn insert_ingesting(
     id: Uuid,
     name: &str,
     bytes: i64,
+    stored_size: i32,
     artifact_key: &str,
 ) -> sqlx::Result<DatasetRow> {
     sqlx::query_as(
-        "INSERT INTO datasets (id, name, status, classes, counts, num_train, num_val, bytes, artifact_key, progress)
-         VALUES ($1, $2, 'ingesting', '[]', '{}', 0, 0, $3, $4, '{\"stage\": \"reading\", \"done\": 0, \"total\": 0}')
+        "INSERT INTO datasets (id, name, status, classes, counts, num_train, num_val, bytes, artifact_key, stored_size, progress)
+         VALUES ($1, $2, 'ingesting', '[]', '{}', 0, 0, $3, $4, $5, '{\"stage\": \"reading\", \"done\": 0, \"total\": 0}')
          RETURNING *",
     )
     .bind(id)
     .bind(name)
     .bind(bytes)
     .bind(artifact_key)
+    .bind(stored_size)
     .fetch_one(pool)
     .await
 }

@@ -15,6 +15,9 @@ pub struct ModelRow {
     pub backbone: String,
     pub labels: Json<Vec<String>>,
     pub image_size: i32,
+    /// Side `/predict` decodes images to before the model's own crop and
+    /// resize: the side its dataset was stored at.
+    pub stored_size: i32,
     pub normalization: Json<Value>,
     #[serde(skip)]
     pub artifact_key: String,
@@ -25,7 +28,7 @@ pub struct ModelRow {
     pub aliases: Vec<String>,
 }
 
-const COLUMNS: &str = "id, job_id, dataset_id, backbone, labels, image_size, normalization, artifact_key, \
+const COLUMNS: &str = "id, job_id, dataset_id, backbone, labels, image_size, stored_size, normalization, artifact_key, \
      epoch, metrics, created_at, \
      ARRAY(SELECT d.alias FROM deployments d WHERE d.model_id = models.id ORDER BY d.alias) AS aliases";
 
@@ -38,6 +41,7 @@ pub struct NewModel<'a> {
     pub backbone: &'a str,
     pub labels: &'a [String],
     pub image_size: i32,
+    pub stored_size: i32,
     pub normalization: Value,
     pub artifact_key: &'a str,
     pub epoch: i32,
@@ -48,8 +52,8 @@ pub async fn insert(tx: &mut sqlx::PgConnection, new: NewModel<'_>) -> sqlx::Res
     let id = Uuid::new_v4();
     sqlx::query(
         "INSERT INTO models (id, job_id, dataset_id, backbone, labels, image_size, normalization,
-             artifact_key, epoch, metrics)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+             artifact_key, epoch, metrics, stored_size)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
     )
     .bind(id)
     .bind(new.job_id)
@@ -61,6 +65,7 @@ pub async fn insert(tx: &mut sqlx::PgConnection, new: NewModel<'_>) -> sqlx::Res
     .bind(new.artifact_key)
     .bind(new.epoch)
     .bind(Json(new.metrics))
+    .bind(new.stored_size)
     .execute(tx)
     .await?;
     Ok(id)

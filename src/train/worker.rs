@@ -176,6 +176,7 @@ impl Worker {
             backbone: config.backbone.clone(),
             labels: dataset.classes.0.clone(),
             image_size: config.image_size,
+            stored_size: dataset.stored_size,
             normalization: backbone.normalization,
         };
         let spec = TrainSpec {
@@ -388,6 +389,7 @@ impl Worker {
                         backbone: &card.backbone,
                         labels: &card.labels,
                         image_size: card.image_size as i32,
+                        stored_size: card.stored_size,
                         normalization: serde_json::to_value(card.normalization)?,
                         artifact_key: &key,
                         epoch: summary.best_epoch,
@@ -461,6 +463,8 @@ struct ModelCard {
     backbone: String,
     labels: Vec<String>,
     image_size: i64,
+    /// Side of the stored images the model learnt from.
+    stored_size: i32,
     normalization: Normalization,
 }
 

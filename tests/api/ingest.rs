@@ -404,7 +404,7 @@ async fn an_ingest_shows_its_progress_and_a_dead_one_is_swept() {
 
     // A job cannot use a dataset that is not ready.
     let id = uuid::Uuid::new_v4();
-    finetuned::store::datasets::insert_ingesting(&app.pool, id, "half", 10, "datasets/x")
+    finetuned::store::datasets::insert_ingesting(&app.pool, id, "half", 10, 256, "datasets/x")
         .await
         .unwrap();
     let refused = app.post_json("/jobs", &json!({ "dataset_id": id })).await;
@@ -422,7 +422,7 @@ async fn an_ingest_shows_its_progress_and_a_dead_one_is_swept() {
         .await
         .unwrap();
     let live = uuid::Uuid::new_v4();
-    finetuned::store::datasets::insert_ingesting(&app.pool, live, "live", 10, "datasets/y")
+    finetuned::store::datasets::insert_ingesting(&app.pool, live, "live", 10, 256, "datasets/y")
         .await
         .unwrap();
     let swept = finetuned::store::datasets::discard_stalled_ingests(&app.pool, 30.0)

@@ -153,6 +153,7 @@ async fn predict_scores_equal_the_evaluation_path() {
         backbone: "mobilenet_v2".into(),
         labels: labels.clone(),
         image_size: 64,
+        stored_size: preprocess::STORED_SIZE,
         normalization: preprocess::Normalization::IMAGENET,
     };
     let mut vs = tch::nn::VarStore::new(tch::Device::Cpu);

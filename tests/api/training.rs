@@ -217,3 +217,68 @@ async fn cached_features_train_the_same_model_as_the_full_forward_pass() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_dataset_stored_at_a_smaller_side_trains_and_serves_at_that_side() {
+    let app = TestApp::spawn().await;
+    let _rng = torch_rng().await;
+    let dataset = app
+        .post_multipart(
+            "/datasets",
+            &[
+                Part::text("stored_size", "72"),
+                Part::file("file", "shapes.zip", shapes_zip(6, 96)),
+            ],
+        )
+        .await;
+    assert_eq!(dataset.status, StatusCode::CREATED, "{:?}", dataset.json);
+    assert_eq!(dataset.json["stored_size"], 72);
+    let dataset_id = dataset.json["id"].as_str().unwrap();
+    let stored = finetuned::data::load_split(
+        &app.artifacts.path(&format!("datasets/{dataset_id}")),
+        finetuned::data::TRAIN_FILE,
+    )
+    .unwrap()
+    .0;
+    assert_eq!(stored.size()[1..], [3, 72, 72]);
+
+    let job_id = app
+        .submit_job(json!({
+            "dataset_id": dataset_id, "epochs": 1, "image_size": 64,
+            "augmentation": { "enabled": false }
+        }))
+        .await;
+    app.worker.try_execute_one(None).await.expect("worker step");
+    let job = app.get(&format!("/jobs/{job_id}")).await.json;
+    assert_eq!(job["status"], "succeeded", "{job:?}");
+    let model = app
+        .get(&format!("/models/{}", job["model_id"].as_str().unwrap()))
+        .await
+        .json;
+    assert_eq!(model["stored_size"], 72);
+
+    let photo = encode(&render(0, 99, 120), ImageFormat::Png);
+    let reply = app
+        .post_multipart("/predict", &[Part::file("image", "disc.png", photo)])
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.json);
+    assert_eq!(
+        reply.json["results"][0]["predictions"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+
+    let bad = app
+        .post_multipart(
+            "/datasets",
+            &[
+                Part::text("stored_size", "8"),
+                Part::file("file", "shapes.zip", shapes_zip(2, 32)),
+            ],
+        )
+        .await;
+    let errors = bad.assert_problem(StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(errors[0]["path"], "stored_size");
+}
