@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 use finetuned::auth::{self, Scope};
 use finetuned::config::Config;
+use finetuned::models::{self, verify};
 use finetuned::{app, store};
 use tracing_subscriber::EnvFilter;
 
@@ -32,6 +33,42 @@ enum Command {
         #[command(subcommand)]
         action: KeyAction,
     },
+    /// List the backbone catalogue, and verify installed weights against PyTorch.
+    Weights {
+        #[command(subcommand)]
+        action: WeightsAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum WeightsAction {
+    /// The catalogue, and whether each backbone's weights are installed.
+    List {
+        #[command(flatten)]
+        config: Config,
+    },
+    /// Compare each installed backbone's (or NAME's) ImageNet logits on real
+    /// photos with its reference PyTorch implementation's; fails unless they
+    /// agree within 1e-4 with the same top-5.
+    Verify {
+        name: Option<String>,
+        /// Folder of the sample photos (scripts/setup fetches them).
+        #[arg(long, env = "FINETUNED_PHOTOS_DIR")]
+        photos: Option<std::path::PathBuf>,
+        /// Python with torch (and the reference model code) installed.
+        #[arg(long, env = "FINETUNED_PYTHON")]
+        python: Option<std::path::PathBuf>,
+        #[command(flatten)]
+        config: Config,
+    },
+}
+
+impl WeightsAction {
+    fn config(&self) -> &Config {
+        match self {
+            Self::List { config } | Self::Verify { config, .. } => config,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -76,6 +113,7 @@ async fn main() -> anyhow::Result<()> {
     let config = match &cli.command {
         Command::Serve(c) | Command::Worker(c) | Command::Migrate(c) => c.clone(),
         Command::Keys { action } => action.config().clone(),
+        Command::Weights { action } => action.config().clone(),
     };
     init_tracing(&config.log_format);
     tracing::debug!(?config, "configuration");
@@ -93,6 +131,79 @@ async fn main() -> anyhow::Result<()> {
             let result = keys(&db.pool, action).await;
             db.close().await;
             result
+        }
+        Command::Weights { action } => tokio::task::spawn_blocking(move || weights(action)).await?,
+    }
+}
+
+fn weights(action: WeightsAction) -> anyhow::Result<()> {
+    let weights_dir = action.config().weights_dir();
+    match action {
+        WeightsAction::List { .. } => {
+            println!(
+                "{:<20} {:<18} {:>11} {:>6} {:>8}  weights",
+                "name", "family", "parameters", "input", "top-1"
+            );
+            for spec in models::CATALOGUE {
+                let installed = spec.weights_path(&weights_dir).exists();
+                println!(
+                    "{:<20} {:<18} {:>11} {:>6} {:>7.1}%  {}",
+                    spec.name,
+                    spec.family,
+                    spec.parameters,
+                    spec.default_image_size,
+                    spec.imagenet_top1,
+                    if installed { "installed" } else { "missing" }
+                );
+            }
+            Ok(())
+        }
+        WeightsAction::Verify {
+            name,
+            photos,
+            python,
+            ..
+        } => {
+            let chosen: Vec<&'static models::BackboneSpec> = match &name {
+                Some(name) => vec![models::find(name)
+                    .ok_or_else(|| anyhow::anyhow!("no backbone named {name:?}"))?],
+                None => models::CATALOGUE
+                    .iter()
+                    .filter(|s| s.weights_path(&weights_dir).exists())
+                    .collect(),
+            };
+            let photos = photos.unwrap_or_else(|| {
+                std::env::var_os("FINETUNED_CACHE")
+                    .map(std::path::PathBuf::from)
+                    .unwrap_or_else(|| {
+                        std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                            .join(".cache/finetuned")
+                    })
+                    .join("fixtures")
+            });
+            let python = python.unwrap_or_else(verify::default_python);
+            let mut failed = Vec::new();
+            for spec in chosen {
+                let report = verify::against_pytorch(spec, &weights_dir, &photos, &python)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", spec.name))?;
+                println!(
+                    "{:<20} {} photos  max |logit difference| {:.2e}  top-5 {}  {}",
+                    spec.name,
+                    report.photos,
+                    report.max_abs_difference,
+                    if report.top5_mismatches.is_empty() {
+                        "identical".to_string()
+                    } else {
+                        format!("differs on {:?}", report.top5_mismatches)
+                    },
+                    if report.passed() { "ok" } else { "FAILED" }
+                );
+                if !report.passed() {
+                    failed.push(spec.name);
+                }
+            }
+            anyhow::ensure!(failed.is_empty(), "verification failed for {failed:?}");
+            Ok(())
         }
     }
 }

@@ -149,7 +149,7 @@ pub async fn export(
                 "scale to [0, 1], subtract mean, divide by std (per channel, RGB)",
             ],
         },
-        "weights": "weights.safetensors: the backbone under torchvision's names (features.*), the head as head.weight [classes, features] and head.bias",
+        "weights": "weights.safetensors: the backbone under its reference implementation's names (torchvision's features.* for MobileNetV2; efficientnet-lite-pytorch's _conv_stem, _blocks.*, _conv_head for EfficientNet-Lite, whose convolutions pad like TensorFlow's \"same\"), the head as head.weight [classes, features] and head.bias",
         "metrics": model.metrics.0,
     });
     // Fetches the checkpoint from the shared store if this host lacks it.

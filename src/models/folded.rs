@@ -12,20 +12,32 @@ use std::collections::HashMap;
 use tch::Tensor;
 
 /// torchvision's (and tch's) BatchNorm epsilon.
-const BN_EPS: f64 = 1e-5;
+pub const TORCH_BN_EPS: f64 = 1e-5;
+
+/// How a convolution pads its input.
+#[derive(Debug, Clone, Copy)]
+pub enum Padding {
+    /// `(kernel - 1) / 2` on every side (PyTorch's convention).
+    Symmetric,
+    /// TensorFlow's "same": the odd pixel on the bottom/right.
+    Same,
+}
 
 /// A convolution with its BatchNorm folded in, and the activation after it.
 pub struct FoldedConv {
     weight: Tensor,
     bias: Tensor,
     stride: i64,
-    padding: i64,
+    kernel: i64,
+    padding: Padding,
     groups: i64,
     relu6: bool,
 }
 
 impl FoldedConv {
-    /// Folds `{bn}.weight/bias/running_mean/running_var` into `{conv}.weight`.
+    /// Folds `{bn}.weight/bias/running_mean/running_var` (BatchNorm with
+    /// epsilon `eps`) into `{conv}.weight`.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         vars: &Variables,
         conv: &str,
@@ -33,10 +45,12 @@ impl FoldedConv {
         stride: i64,
         groups: i64,
         relu6: bool,
+        eps: f64,
+        padding: Padding,
     ) -> Result<Self, String> {
         let weight = vars.get(&format!("{conv}.weight"))?;
         let scale = vars.get(&format!("{bn}.weight"))?
-            / (vars.get(&format!("{bn}.running_var"))? + BN_EPS).sqrt();
+            / (vars.get(&format!("{bn}.running_var"))? + eps).sqrt();
         let bias =
             vars.get(&format!("{bn}.bias"))? - vars.get(&format!("{bn}.running_mean"))? * &scale;
         let kernel = weight.size()[2];
@@ -44,18 +58,26 @@ impl FoldedConv {
             weight: weight * scale.view([-1, 1, 1, 1]),
             bias,
             stride,
-            padding: (kernel - 1) / 2,
+            kernel,
+            padding,
             groups,
             relu6,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
+        let (x, pad) = match self.padding {
+            Padding::Symmetric => (x.shallow_clone(), (self.kernel - 1) / 2),
+            Padding::Same => (
+                super::efficientnet_lite::same_padding(x, self.kernel, self.stride),
+                0,
+            ),
+        };
         let y = x.conv2d(
             &self.weight,
             Some(&self.bias),
             [self.stride, self.stride],
-            [self.padding, self.padding],
+            [pad, pad],
             [1, 1],
             self.groups,
         );

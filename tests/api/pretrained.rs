@@ -2,7 +2,7 @@
 //! through the service's own preprocessing, names real photos correctly.
 
 use finetuned::data::preprocess::{self, Normalization};
-use finetuned::models::mobilenet_v2;
+use finetuned::models::{mobilenet_v2, verify};
 use tch::nn::{self, Module, ModuleT};
 use tch::Kind;
 
@@ -12,18 +12,18 @@ use crate::helpers::{fixtures_dir, weights_dir};
 const ESPRESSO: i64 = 967;
 const CATS: [i64; 3] = [281, 282, 285]; // tabby, tiger cat, Egyptian cat
 
-/// scikit-image's `coffee` and `chelsea` through the service's
-/// preprocessing, as model input at 224.
-fn photos() -> tch::Tensor {
+/// scikit-image's `coffee` and `chelsea` through the service's decoding.
+fn canonical_photos() -> tch::Tensor {
     let photos = ["coffee.png", "chelsea.png"].map(|name| {
         let bytes = std::fs::read(fixtures_dir().join(name)).expect("photo (run scripts/setup)");
         preprocess::decode_canonical(&bytes).expect("decodes")
     });
-    preprocess::model_input(
-        &preprocess::stack_canonical(&photos),
-        224,
-        &Normalization::IMAGENET,
-    )
+    preprocess::stack_canonical(&photos)
+}
+
+/// The two photos as MobileNetV2's input at 224.
+fn photos() -> tch::Tensor {
+    preprocess::model_input(&canonical_photos(), 224, &Normalization::IMAGENET)
 }
 
 #[test]
@@ -60,37 +60,59 @@ fn imagenet_mobilenet_v2_recognises_real_photos() {
 }
 
 /// Serving folds BatchNorm into the convolutions; with the real weights and
-/// real photos it computes what the trained modules compute.
+/// real photos it computes what the trained modules compute, for every
+/// backbone of the catalogue.
 #[test]
 fn the_folded_serving_network_equals_the_trained_one() {
     let _rng = crate::helpers::torch_rng_blocking();
     tch::manual_seed(7);
-    let spec = finetuned::models::find("mobilenet_v2").unwrap();
-    let mut vs = nn::VarStore::new(tch::Device::Cpu);
-    let classifier = finetuned::models::Classifier::new(
-        &mut vs,
-        spec,
-        5,
-        Some(&spec.weights_path(&weights_dir())),
-    )
-    .expect("weights load (run scripts/setup)");
-    let checkpoint =
-        std::env::temp_dir().join(format!("folded-{}.safetensors", uuid::Uuid::new_v4()));
-    vs.save(&checkpoint).unwrap();
-    let vars = finetuned::models::folded::Variables(
-        tch::Tensor::read_safetensors(&checkpoint)
-            .unwrap()
-            .into_iter()
-            .collect(),
-    );
-    std::fs::remove_file(&checkpoint).unwrap();
-    let net = spec.folded(&vars).expect("folds");
+    for spec in finetuned::models::CATALOGUE {
+        let mut vs = nn::VarStore::new(tch::Device::Cpu);
+        let classifier = finetuned::models::Classifier::new(
+            &mut vs,
+            spec,
+            5,
+            Some(&spec.weights_path(&weights_dir())),
+        )
+        .expect("weights load (run scripts/setup)");
+        let checkpoint =
+            std::env::temp_dir().join(format!("folded-{}.safetensors", uuid::Uuid::new_v4()));
+        vs.save(&checkpoint).unwrap();
+        let vars = finetuned::models::folded::Variables(
+            tch::Tensor::read_safetensors(&checkpoint)
+                .unwrap()
+                .into_iter()
+                .collect(),
+        );
+        std::fs::remove_file(&checkpoint).unwrap();
+        let net = spec.folded(&vars).expect("folds");
 
-    let input = photos();
-    let (trained, folded) =
-        tch::no_grad(|| (classifier.forward_t(&input, false), net.forward(&input)));
-    let diff = (&trained - &folded).abs().max().double_value(&[]);
-    assert!(diff < 1e-4, "max |logit difference| {diff}");
-    let order = |t: &tch::Tensor| Vec::<Vec<i64>>::try_from(t.argsort(-1, true)).unwrap();
-    assert_eq!(order(&trained), order(&folded));
+        let input = preprocess::model_input(
+            &canonical_photos(),
+            spec.default_image_size,
+            &spec.normalization,
+        );
+        let (trained, folded) =
+            tch::no_grad(|| (classifier.forward_t(&input, false), net.forward(&input)));
+        let diff = (&trained - &folded).abs().max().double_value(&[]);
+        assert!(diff < 1e-4, "{}: max |logit difference| {diff}", spec.name);
+        let order = |t: &tch::Tensor| Vec::<Vec<i64>>::try_from(t.argsort(-1, true)).unwrap();
+        assert_eq!(order(&trained), order(&folded), "{}", spec.name);
+    }
+}
+
+/// Every backbone's untouched ImageNet network gives the logits of its
+/// reference PyTorch implementation (run now by the virtualenv's torch) on
+/// seven real photos: within 1e-4, with the same top-5.
+#[test]
+fn every_backbone_computes_what_pytorch_computes() {
+    let python = crate::helpers::torch_python();
+    for spec in finetuned::models::CATALOGUE {
+        let report = verify::against_pytorch(spec, &weights_dir(), &fixtures_dir(), &python)
+            .unwrap_or_else(|e| panic!("{}: {e}", spec.name));
+        assert!(report.passed(), "{report:?}");
+        assert_eq!(report.photos, 7);
+        // coffee.png is an espresso to every backbone.
+        assert_eq!(report.top1[1], ESPRESSO, "{report:?}");
+    }
 }

@@ -282,3 +282,48 @@ async fn a_dataset_stored_at_a_smaller_side_trains_and_serves_at_that_side() {
     let errors = bad.assert_problem(StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(errors[0]["path"], "stored_size");
 }
+
+#[tokio::test]
+async fn each_efficientnet_lite_fine_tunes_and_serves_through_the_api() {
+    let app = TestApp::spawn().await;
+    let _rng = torch_rng().await;
+    let dataset_id = app.shapes_dataset(4, 64).await;
+    for backbone in [
+        "efficientnet_lite0",
+        "efficientnet_lite1",
+        "efficientnet_lite2",
+    ] {
+        // The last stage trains too: gradients flow through the Lite blocks.
+        let job_id = app
+            .submit_job(json!({
+                "dataset_id": dataset_id, "backbone": backbone, "epochs": 1,
+                "image_size": 64, "batch_size": 6, "freeze": "last_n", "trainable_stages": 2
+            }))
+            .await;
+        app.worker.try_execute_one(None).await.expect("worker step");
+        let job = app.get(&format!("/jobs/{job_id}")).await.json;
+        assert_eq!(job["status"], "succeeded", "{backbone}: {job:?}");
+        let model_id = job["model_id"].as_str().unwrap();
+        let model = app.get(&format!("/models/{model_id}")).await.json;
+        assert_eq!(model["backbone"], backbone);
+
+        let photo = encode(&render(1, 5, 80), ImageFormat::Jpeg);
+        let reply = app
+            .post_multipart(
+                &format!("/predict?model={model_id}"),
+                &[Part::file("image", "square.jpg", photo)],
+            )
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "{backbone}: {:?}", reply.json);
+        let scores: f64 = reply.json["results"][0]["predictions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["score"].as_f64().unwrap())
+            .sum();
+        assert!(
+            (scores - 1.0).abs() < 1e-4,
+            "{backbone}: scores sum to {scores}"
+        );
+    }
+}
