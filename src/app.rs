@@ -146,7 +146,7 @@ pub async fn serve(
         weights_dir: config.weights_dir(),
         limits: config.http_limits(),
     };
-    for spec in models::CATALOGUE {
+    for spec in models::CATALOGUE.iter().filter(|s| s.bundled) {
         if !spec.weights_path(&state.weights_dir).exists() {
             tracing::warn!(backbone = spec.name, path = %spec.weights_path(&state.weights_dir).display(),
                 "pretrained weights missing: jobs on this backbone are refused (scripts/setup installs them)");

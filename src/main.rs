@@ -47,6 +47,20 @@ enum WeightsAction {
         #[command(flatten)]
         config: Config,
     },
+    /// Install pretrained weights for an architecture of the catalogue from
+    /// a torchvision state dict (.pth, zip or legacy format) or safetensors,
+    /// after checking every tensor's name and shape.
+    Import {
+        file: std::path::PathBuf,
+        /// The architecture, e.g. resnet50.
+        #[arg(long)]
+        arch: String,
+        /// Python with torch, to read .pth files.
+        #[arg(long, env = "FINETUNED_PYTHON")]
+        python: Option<std::path::PathBuf>,
+        #[command(flatten)]
+        config: Config,
+    },
     /// Compare each installed backbone's (or NAME's) ImageNet logits on real
     /// photos with its reference PyTorch implementation's; fails unless they
     /// agree within 1e-4 with the same top-5.
@@ -66,7 +80,9 @@ enum WeightsAction {
 impl WeightsAction {
     fn config(&self) -> &Config {
         match self {
-            Self::List { config } | Self::Verify { config, .. } => config,
+            Self::List { config } | Self::Import { config, .. } | Self::Verify { config, .. } => {
+                config
+            }
         }
     }
 }
@@ -156,6 +172,35 @@ fn weights(action: WeightsAction) -> anyhow::Result<()> {
                     if installed { "installed" } else { "missing" }
                 );
             }
+            Ok(())
+        }
+        WeightsAction::Import {
+            file, arch, python, ..
+        } => {
+            let spec = models::find(&arch).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "no architecture {arch:?}; choose one of: {}",
+                    models::CATALOGUE
+                        .iter()
+                        .map(|s| s.name)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            })?;
+            let python = python.unwrap_or_else(verify::default_python);
+            let imported = models::import::import_weights(&file, spec, &weights_dir, &python)
+                .map_err(|e| anyhow::anyhow!(e))?;
+            println!(
+                "installed {} ({} tensors{}) as {}",
+                spec.name,
+                imported.tensors,
+                if imported.imagenet_classifier {
+                    ", with its ImageNet classifier: `finetuned weights verify` can check it"
+                } else {
+                    ""
+                },
+                spec.weights_path(&weights_dir).display()
+            );
             Ok(())
         }
         WeightsAction::Verify {

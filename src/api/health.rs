@@ -37,6 +37,7 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
     }
     let missing: Vec<String> = models::CATALOGUE
         .iter()
+        .filter(|spec| spec.bundled)
         .map(|spec| spec.weights_path(&state.weights_dir))
         .filter(|path| !path.exists())
         .map(|path| path.display().to_string())

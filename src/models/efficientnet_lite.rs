@@ -7,7 +7,7 @@
 use tch::nn::{self, ModuleT};
 use tch::Tensor;
 
-use super::folded::{FoldedBlock, FoldedConv, FoldedNet, Padding, Variables};
+use super::folded::{Activation, FoldedBlock, FoldedConv, FoldedNet, Padding, Variables};
 use super::Stage;
 
 /// Channels of the pooled feature vector (the head is never scaled).
@@ -261,12 +261,22 @@ pub fn stages(root: &nn::Path, variant: Variant) -> Vec<Stage> {
 /// The network with BatchNorm folded into its convolutions, for serving.
 pub fn folded(vars: &Variables, variant: Variant) -> Result<FoldedNet, String> {
     let conv = |conv: &str, bn: &str, stride, groups, relu6| {
-        FoldedConv::new(vars, conv, bn, stride, groups, relu6, BN_EPS, Padding::Same)
+        let activation = Activation::relu6_if(relu6);
+        FoldedConv::new(
+            vars,
+            conv,
+            bn,
+            stride,
+            groups,
+            activation,
+            BN_EPS,
+            Padding::Same,
+        )
     };
-    let mut blocks = vec![FoldedBlock {
-        convs: vec![conv("_conv_stem", "_bn0", 2, 1, true)?],
-        residual: false,
-    }];
+    let mut blocks = vec![FoldedBlock::plain(
+        vec![conv("_conv_stem", "_bn0", 2, 1, true)?],
+        false,
+    )];
     for (index, b) in groups(variant).into_iter().flatten().enumerate() {
         let p = format!("_blocks.{index}");
         let mut convs = Vec::new();
@@ -294,15 +304,12 @@ pub fn folded(vars: &Variables, variant: Variant) -> Result<FoldedNet, String> {
             1,
             false,
         )?);
-        blocks.push(FoldedBlock {
-            convs,
-            residual: b.residual(),
-        });
+        blocks.push(FoldedBlock::plain(convs, b.residual()));
     }
-    blocks.push(FoldedBlock {
-        convs: vec![conv("_conv_head", "_bn1", 1, 1, true)?],
-        residual: false,
-    });
+    blocks.push(FoldedBlock::plain(
+        vec![conv("_conv_head", "_bn1", 1, 1, true)?],
+        false,
+    ));
     let (head_weight, head_bias) = vars.head()?;
     Ok(FoldedNet {
         blocks,

@@ -23,6 +23,33 @@ pub enum Padding {
     Same,
 }
 
+/// The function after a convolution or a block.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Activation {
+    None,
+    Relu,
+    Relu6,
+}
+
+impl Activation {
+    /// ReLU6 when `on`, else nothing (the MobileNet family's two cases).
+    pub fn relu6_if(on: bool) -> Self {
+        if on {
+            Activation::Relu6
+        } else {
+            Activation::None
+        }
+    }
+
+    fn apply(self, x: Tensor) -> Tensor {
+        match self {
+            Activation::None => x,
+            Activation::Relu => x.relu(),
+            Activation::Relu6 => x.relu6(),
+        }
+    }
+}
+
 /// A convolution with its BatchNorm folded in, and the activation after it.
 pub struct FoldedConv {
     weight: Tensor,
@@ -31,7 +58,7 @@ pub struct FoldedConv {
     kernel: i64,
     padding: Padding,
     groups: i64,
-    relu6: bool,
+    activation: Activation,
 }
 
 impl FoldedConv {
@@ -44,7 +71,7 @@ impl FoldedConv {
         bn: &str,
         stride: i64,
         groups: i64,
-        relu6: bool,
+        activation: Activation,
         eps: f64,
         padding: Padding,
     ) -> Result<Self, String> {
@@ -61,7 +88,7 @@ impl FoldedConv {
             kernel,
             padding,
             groups,
-            relu6,
+            activation,
         })
     }
 
@@ -81,19 +108,68 @@ impl FoldedConv {
             [1, 1],
             self.groups,
         );
-        if self.relu6 {
-            y.relu6()
+        self.activation.apply(y)
+    }
+}
+
+/// What a block adds to its main path's output.
+pub enum Shortcut {
+    None,
+    /// The block's input.
+    Identity,
+    /// The input through its own (folded) convolution.
+    Conv(FoldedConv),
+}
+
+/// A run of folded convolutions, plus the shortcut, then `after`, then (in
+/// a ResNet stem) a 3×3 stride-2 max pool.
+pub struct FoldedBlock {
+    pub convs: Vec<FoldedConv>,
+    pub shortcut: Shortcut,
+    pub after: Activation,
+    pub max_pool: bool,
+}
+
+impl FoldedBlock {
+    /// Convolutions with nothing around them (MobileNet-style blocks).
+    pub fn plain(convs: Vec<FoldedConv>, residual: bool) -> Self {
+        Self {
+            convs,
+            shortcut: if residual {
+                Shortcut::Identity
+            } else {
+                Shortcut::None
+            },
+            after: Activation::None,
+            max_pool: false,
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let y = self
+            .convs
+            .iter()
+            .fold(x.shallow_clone(), |y, c| c.forward(&y));
+        let y = match &self.shortcut {
+            Shortcut::None => y,
+            Shortcut::Identity => y + x,
+            Shortcut::Conv(conv) => y + conv.forward(x),
+        };
+        let y = self.after.apply(y);
+        if self.max_pool {
+            y.max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false)
         } else {
             y
         }
     }
-}
 
-/// A run of folded convolutions, with the input added to the output when
-/// `residual`.
-pub struct FoldedBlock {
-    pub convs: Vec<FoldedConv>,
-    pub residual: bool,
+    fn convs(&self) -> impl Iterator<Item = &FoldedConv> {
+        let shortcut = match &self.shortcut {
+            Shortcut::Conv(conv) => Some(conv),
+            _ => None,
+        };
+        self.convs.iter().chain(shortcut)
+    }
 }
 
 /// Folded backbone, global average pooling, linear head: logits.
@@ -109,7 +185,7 @@ impl FoldedNet {
         let size = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
         self.blocks
             .iter()
-            .flat_map(|b| &b.convs)
+            .flat_map(FoldedBlock::convs)
             .map(|c| size(&c.weight) + size(&c.bias))
             .sum::<usize>()
             + size(&self.head_weight)
@@ -120,11 +196,7 @@ impl FoldedNet {
     pub fn forward(&self, xs: &Tensor) -> Tensor {
         let mut x = xs.shallow_clone();
         for block in &self.blocks {
-            let y = block
-                .convs
-                .iter()
-                .fold(x.shallow_clone(), |y, c| c.forward(&y));
-            x = if block.residual { y + &x } else { y };
+            x = block.forward(&x);
         }
         super::global_average_pool(&x).linear(&self.head_weight, Some(&self.head_bias))
     }

@@ -3,7 +3,9 @@
 
 use tch::nn::{self, ModuleT};
 
-use super::folded::{FoldedBlock, FoldedConv, FoldedNet, Padding, Variables, TORCH_BN_EPS};
+use super::folded::{
+    Activation, FoldedBlock, FoldedConv, FoldedNet, Padding, Variables, TORCH_BN_EPS,
+};
 use super::Stage;
 
 /// Channels of the pooled feature vector.
@@ -128,17 +130,14 @@ pub fn features(root: &nn::Path) -> impl ModuleT {
 /// The network with BatchNorm folded into its convolutions, for serving:
 /// the same blocks as [`stages`], read from a checkpoint's variables.
 pub fn folded(vars: &Variables) -> Result<FoldedNet, String> {
-    let single = |conv: FoldedConv| FoldedBlock {
-        convs: vec![conv],
-        residual: false,
-    };
+    let single = |conv: FoldedConv| FoldedBlock::plain(vec![conv], false);
     let mut blocks = vec![single(FoldedConv::new(
         vars,
         "features.0.0",
         "features.0.1",
         2,
         1,
-        true,
+        Activation::Relu6,
         TORCH_BN_EPS,
         Padding::Symmetric,
     )?)];
@@ -158,7 +157,7 @@ pub fn folded(vars: &Variables) -> Result<FoldedNet, String> {
                     &format!("{p}.0.1"),
                     1,
                     1,
-                    true,
+                    Activation::Relu6,
                     TORCH_BN_EPS,
                     Padding::Symmetric,
                 )?);
@@ -170,7 +169,7 @@ pub fn folded(vars: &Variables) -> Result<FoldedNet, String> {
                 &format!("{p}.{k}.1"),
                 stride,
                 hidden,
-                true,
+                Activation::Relu6,
                 TORCH_BN_EPS,
                 Padding::Symmetric,
             )?);
@@ -180,14 +179,11 @@ pub fn folded(vars: &Variables) -> Result<FoldedNet, String> {
                 &format!("{p}.{}", k + 2),
                 1,
                 1,
-                false,
+                Activation::None,
                 TORCH_BN_EPS,
                 Padding::Symmetric,
             )?);
-            blocks.push(FoldedBlock {
-                convs,
-                residual: stride == 1 && c_in == c_out,
-            });
+            blocks.push(FoldedBlock::plain(convs, stride == 1 && c_in == c_out));
             c_in = c_out;
             id += 1;
         }
@@ -198,7 +194,7 @@ pub fn folded(vars: &Variables) -> Result<FoldedNet, String> {
         &format!("features.{id}.1"),
         1,
         1,
-        true,
+        Activation::Relu6,
         TORCH_BN_EPS,
         Padding::Symmetric,
     )?));

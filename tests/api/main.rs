@@ -1,6 +1,7 @@
 //! Integration tests through the HTTP API, against real Postgres and real
 //! libtorch. `scripts/setup` installs what they need (weights, photos).
 
+mod backbones;
 mod contract;
 mod datasets;
 mod fashion;

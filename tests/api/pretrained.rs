@@ -59,22 +59,21 @@ fn imagenet_mobilenet_v2_recognises_real_photos() {
     );
 }
 
-/// Serving folds BatchNorm into the convolutions; with the real weights and
-/// real photos it computes what the trained modules compute, for every
-/// backbone of the catalogue.
+/// Serving folds BatchNorm into the convolutions; with the real weights (or
+/// random ones for importable architectures) and real photos it computes
+/// what the trained modules compute, for every backbone of the catalogue.
 #[test]
 fn the_folded_serving_network_equals_the_trained_one() {
     let _rng = crate::helpers::torch_rng_blocking();
     tch::manual_seed(7);
     for spec in finetuned::models::CATALOGUE {
+        // Architectures whose weights users import are checked at random
+        // initialization (shortcuts, pooling and activations all count).
+        let weights = spec.weights_path(&weights_dir());
+        let pretrained = spec.bundled.then_some(weights.as_path());
         let mut vs = nn::VarStore::new(tch::Device::Cpu);
-        let classifier = finetuned::models::Classifier::new(
-            &mut vs,
-            spec,
-            5,
-            Some(&spec.weights_path(&weights_dir())),
-        )
-        .expect("weights load (run scripts/setup)");
+        let classifier = finetuned::models::Classifier::new(&mut vs, spec, 5, pretrained)
+            .expect("weights load (run scripts/setup)");
         let checkpoint =
             std::env::temp_dir().join(format!("folded-{}.safetensors", uuid::Uuid::new_v4()));
         vs.save(&checkpoint).unwrap();
@@ -107,7 +106,8 @@ fn the_folded_serving_network_equals_the_trained_one() {
 #[test]
 fn every_backbone_computes_what_pytorch_computes() {
     let python = crate::helpers::torch_python();
-    for spec in finetuned::models::CATALOGUE {
+    // Imported architectures are verified in `backbones`.
+    for spec in finetuned::models::CATALOGUE.iter().filter(|s| s.bundled) {
         let report = verify::against_pytorch(spec, &weights_dir(), &fixtures_dir(), &python)
             .unwrap_or_else(|e| panic!("{}: {e}", spec.name));
         assert!(report.passed(), "{report:?}");

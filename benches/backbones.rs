@@ -1,0 +1,119 @@
+//! Inference speed of every installed backbone on this CPU: the network
+//! `/predict` runs (BatchNorm folded, a 10-class head) against the
+//! backbone's reference PyTorch implementation in eager mode, in one
+//! invocation, at the backbone's input size, batch 1 and 16, same threads.
+//!
+//! `cargo bench --bench backbones` (after `source scripts/env.sh`).
+//! BENCH_SECONDS (default 5) per measurement.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use finetuned::models::{self, folded, BackboneSpec, Classifier};
+use tch::{nn, Device, Kind, Tensor};
+
+fn main() {
+    let seconds: f64 = std::env::var("BENCH_SECONDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5.0);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    tch::set_num_threads(threads as i32);
+    let weights_dir: PathBuf = std::env::var_os("FINETUNED_WEIGHTS_DIR")
+        .map(Into::into)
+        .unwrap_or_else(|| Path::new(&std::env::var("FINETUNED_CACHE").unwrap()).join("weights"));
+    println!("inference images/s, {threads} threads, {seconds} s per cell; finetuned = the folded network /predict runs, PyTorch = the reference implementation, eager");
+    println!(
+        "{:<20} | {:>5} | {:>10} | {:>6} | {:>22} | {:>22}",
+        "backbone",
+        "input",
+        "parameters",
+        "top-1",
+        "batch 1: ours / PyTorch",
+        "batch 16: ours / PyTorch"
+    );
+    for spec in models::CATALOGUE {
+        if !spec.weights_path(&weights_dir).exists() {
+            println!("{:<20} | weights not installed", spec.name);
+            continue;
+        }
+        let net = serving_network(spec, &weights_dir);
+        let cells: Vec<String> = [1, 16]
+            .iter()
+            .map(|&batch| {
+                let ours = ours(&net, spec.default_image_size, batch, seconds);
+                let theirs = reference(spec, &weights_dir, batch, seconds, threads);
+                format!("{ours:>6.1} / {theirs:>6.1} = {:>4.2}x", ours / theirs)
+            })
+            .collect();
+        println!(
+            "{:<20} | {:>5} | {:>10} | {:>5.1}% | {:>22} | {:>22}",
+            spec.name,
+            spec.default_image_size,
+            spec.parameters,
+            spec.imagenet_top1,
+            cells[0],
+            cells[1]
+        );
+    }
+}
+
+/// The folded network of a checkpoint with the backbone's ImageNet weights
+/// and a new 10-class head.
+fn serving_network(spec: &BackboneSpec, weights_dir: &Path) -> folded::FoldedNet {
+    let mut vs = nn::VarStore::new(Device::Cpu);
+    Classifier::new(&mut vs, spec, 10, Some(&spec.weights_path(weights_dir))).unwrap();
+    let vars = folded::Variables(
+        vs.variables()
+            .into_iter()
+            .map(|(name, t)| (name, t.detach().copy()))
+            .collect(),
+    );
+    spec.folded(&vars).unwrap()
+}
+
+fn ours(net: &folded::FoldedNet, size: i64, batch: i64, seconds: f64) -> f64 {
+    let x = Tensor::rand([batch, 3, size, size], (Kind::Float, Device::Cpu));
+    tch::no_grad(|| {
+        for _ in 0..3 {
+            let _ = net.forward(&x);
+        }
+        let started = Instant::now();
+        let mut done = 0;
+        while started.elapsed().as_secs_f64() < seconds {
+            let _ = net.forward(&x);
+            done += batch;
+        }
+        done as f64 / started.elapsed().as_secs_f64()
+    })
+}
+
+fn reference(
+    spec: &BackboneSpec,
+    weights_dir: &Path,
+    batch: i64,
+    seconds: f64,
+    threads: usize,
+) -> f64 {
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/benches/reference_backbones.py"
+    );
+    let out = Command::new(models::verify::default_python())
+        .arg(script)
+        .arg(spec.name)
+        .arg(spec.weights_path(weights_dir))
+        .arg(spec.default_image_size.to_string())
+        .arg(batch.to_string())
+        .arg(seconds.to_string())
+        .arg(threads.to_string())
+        .output()
+        .expect("python (source scripts/env.sh)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}

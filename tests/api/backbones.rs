@@ -1,0 +1,119 @@
+//! Users' own weights: a torchvision ResNet state dict (made by the
+//! virtualenv's torch and saved with `torch.save`) is checked against the
+//! architecture, imported, verified against torchvision, fine-tuned through
+//! the API and served.
+
+use std::path::Path;
+use std::process::Command;
+
+use axum::http::StatusCode;
+use finetuned::models::{self, import, verify};
+use image::ImageFormat;
+use serde_json::json;
+
+use crate::helpers::{
+    encode, fixtures_dir, render, small_batching, torch_python, torch_rng, Part, TestApp,
+};
+
+/// Saves a randomly initialised torchvision model's state dict.
+fn torchvision_state_dict(arch: &str, out: &Path) {
+    let script = "import sys, torch, torchvision\n\
+                  torch.manual_seed(0)\n\
+                  torch.save(getattr(torchvision.models, sys.argv[1])().state_dict(), sys.argv[2])";
+    let status = Command::new(torch_python())
+        .args(["-c", script, arch])
+        .arg(out)
+        .status()
+        .expect("the virtualenv's python (run scripts/setup)");
+    assert!(status.success());
+}
+
+#[tokio::test]
+async fn an_imported_resnet_is_checked_verified_trained_and_served() {
+    let _rng = torch_rng().await;
+    let dir = std::env::temp_dir().join(format!("import-{}", uuid::Uuid::new_v4().simple()));
+    let weights_dir = dir.join("weights");
+    std::fs::create_dir_all(&weights_dir).unwrap();
+    let resnet18 = models::find("resnet18").unwrap();
+    let python = torch_python();
+
+    // A ResNet-34 file is not a ResNet-18: refused, naming the tensors.
+    torchvision_state_dict("resnet34", &dir.join("resnet34.pth"));
+    let err = import::import_weights(&dir.join("resnet34.pth"), resnet18, &weights_dir, &python)
+        .unwrap_err();
+    assert!(err.contains("does not match resnet18"), "{err}");
+    assert!(
+        err.contains("layer1.2.bn1.bias is not part of resnet18"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&weights_dir).unwrap().count(),
+        0,
+        "nothing installed"
+    );
+
+    torchvision_state_dict("resnet18", &dir.join("resnet18.pth"));
+    let imported =
+        import::import_weights(&dir.join("resnet18.pth"), resnet18, &weights_dir, &python).unwrap();
+    assert!(imported.imagenet_classifier);
+    assert!(resnet18.weights_path(&weights_dir).exists());
+
+    // Same function as torchvision's ResNet-18 on the same weights.
+    let report = verify::against_pytorch(resnet18, &weights_dir, &fixtures_dir(), &python).unwrap();
+    assert!(report.passed(), "{report:?}");
+
+    let app = TestApp::spawn_custom(small_batching(), |state| {
+        state.weights_dir = weights_dir.clone();
+    })
+    .await;
+    let catalogue = app.get("/backbones").await.json;
+    let installed = |name: &str| {
+        catalogue
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["name"] == name)
+            .map(|b| b["weights"].clone())
+    };
+    assert_eq!(installed("resnet18"), Some(json!(true)));
+    assert_eq!(installed("resnet50"), Some(json!(false)));
+
+    let dataset_id = app.shapes_dataset(4, 64).await;
+    let refused = app
+        .post_json(
+            "/jobs",
+            &json!({ "dataset_id": dataset_id, "backbone": "resnet50" }),
+        )
+        .await;
+    let errors = refused.assert_problem(StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(
+        errors[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("finetuned weights import"),
+        "{errors:?}"
+    );
+
+    let job_id = app
+        .submit_job(json!({
+            "dataset_id": dataset_id, "backbone": "resnet18", "epochs": 1,
+            "image_size": 64, "batch_size": 6, "freeze": "last_n", "trainable_stages": 1
+        }))
+        .await;
+    app.worker.try_execute_one(None).await.expect("worker step");
+    let job = app.get(&format!("/jobs/{job_id}")).await.json;
+    assert_eq!(job["status"], "succeeded", "{job:?}");
+    let photo = encode(&render(2, 7, 80), ImageFormat::Png);
+    let reply = app
+        .post_multipart("/predict", &[Part::file("image", "stripes.png", photo)])
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.json);
+    assert_eq!(
+        reply.json["results"][0]["predictions"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
