@@ -108,17 +108,48 @@ fn groups(variant: Variant) -> Vec<Vec<Block>> {
         .collect()
 }
 
-/// Zero padding as TensorFlow's "same": output side `ceil(side / stride)`,
-/// the odd pixel on the bottom/right.
+/// Total zero padding of TensorFlow's "same" along a side of `n` pixels:
+/// the output side is `ceil(n / stride)`.
+fn same_total(n: i64, kernel: i64, stride: i64) -> i64 {
+    (((n + stride - 1) / stride - 1) * stride + kernel - n).max(0)
+}
+
+/// Zero padding as TensorFlow's "same", the odd pixel on the bottom/right.
 pub fn same_padding(x: &Tensor, kernel: i64, stride: i64) -> Tensor {
     let size = x.size();
-    let pad = |n: i64| (((n + stride - 1) / stride - 1) * stride + kernel - n).max(0);
-    let (ph, pw) = (pad(size[2]), pad(size[3]));
+    let (ph, pw) = (
+        same_total(size[2], kernel, stride),
+        same_total(size[3], kernel, stride),
+    );
     if ph == 0 && pw == 0 {
         x.shallow_clone()
     } else {
         x.constant_pad_nd([pw / 2, pw - pw / 2, ph / 2, ph - ph / 2])
     }
+}
+
+/// A convolution with "same" padding. When the padding is even on both
+/// sides (every stride-1 convolution) the convolution pads by itself;
+/// only the odd cases copy the input into a padded tensor.
+pub fn same_conv(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    stride: i64,
+    groups: i64,
+) -> Tensor {
+    let kernel = weight.size()[2];
+    let size = x.size();
+    let (ph, pw) = (
+        same_total(size[2], kernel, stride),
+        same_total(size[3], kernel, stride),
+    );
+    let (input, padding) = if ph % 2 == 0 && pw % 2 == 0 {
+        (x.shallow_clone(), [ph / 2, pw / 2])
+    } else {
+        (same_padding(x, kernel, stride), [0, 0])
+    };
+    input.conv2d(weight, bias, [stride, stride], padding, [1, 1], groups)
 }
 
 /// Same-padded conv + BatchNorm (eps 1e-3), then ReLU6 when `relu6`.
@@ -149,9 +180,7 @@ fn conv_bn(
         },
     );
     nn::func_t(move |xs, train| {
-        let ys = same_padding(xs, kernel, stride)
-            .apply(&conv)
-            .apply_t(&bn, train);
+        let ys = same_conv(xs, &conv.ws, conv.bs.as_ref(), stride, groups).apply_t(&bn, train);
         if relu6 {
             ys.relu6()
         } else {

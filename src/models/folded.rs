@@ -93,21 +93,26 @@ impl FoldedConv {
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
-        let (x, pad) = match self.padding {
-            Padding::Symmetric => (x.shallow_clone(), (self.kernel - 1) / 2),
-            Padding::Same => (
-                super::efficientnet_lite::same_padding(x, self.kernel, self.stride),
-                0,
+        let y = match self.padding {
+            Padding::Symmetric => {
+                let pad = (self.kernel - 1) / 2;
+                x.conv2d(
+                    &self.weight,
+                    Some(&self.bias),
+                    [self.stride, self.stride],
+                    [pad, pad],
+                    [1, 1],
+                    self.groups,
+                )
+            }
+            Padding::Same => super::efficientnet_lite::same_conv(
+                x,
+                &self.weight,
+                Some(&self.bias),
+                self.stride,
+                self.groups,
             ),
         };
-        let y = x.conv2d(
-            &self.weight,
-            Some(&self.bias),
-            [self.stride, self.stride],
-            [pad, pad],
-            [1, 1],
-            self.groups,
-        );
         self.activation.apply(y)
     }
 }

@@ -12,7 +12,7 @@ use image::ImageFormat;
 use serde_json::json;
 
 use crate::helpers::{
-    encode, fixtures_dir, render, small_batching, torch_python, torch_rng, Part, TestApp,
+    encode, fixtures_dir, render, small_batching, torch_python, torch_rng, TestApp,
 };
 
 /// Saves a randomly initialised torchvision model's state dict.
@@ -104,16 +104,6 @@ async fn an_imported_resnet_is_checked_verified_trained_and_served() {
     let job = app.get(&format!("/jobs/{job_id}")).await.json;
     assert_eq!(job["status"], "succeeded", "{job:?}");
     let photo = encode(&render(2, 7, 80), ImageFormat::Png);
-    let reply = app
-        .post_multipart("/predict", &[Part::file("image", "stripes.png", photo)])
-        .await;
-    assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.json);
-    assert_eq!(
-        reply.json["results"][0]["predictions"]
-            .as_array()
-            .unwrap()
-            .len(),
-        3
-    );
+    assert_eq!(app.predict_one(None, "stripes.png", photo).await.len(), 3);
     std::fs::remove_dir_all(&dir).unwrap();
 }

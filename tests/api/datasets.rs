@@ -178,19 +178,7 @@ async fn bad_uploads_get_problems_and_store_nothing() {
     let errors = bad_fraction.assert_problem(StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(errors[0]["path"], "val_fraction");
 
-    assert_eq!(app.count("datasets").await, 0);
-    assert!(
-        app.files_under("datasets").is_empty(),
-        "{:?}",
-        app.files_under("datasets")
-    );
-    assert!(
-        app.files_under("tmp").is_empty(),
-        "{:?}",
-        app.files_under("tmp")
-    );
-    // Still serving.
-    assert_eq!(app.get("/healthz").await.status, StatusCode::OK);
+    app.assert_no_dataset_stored().await;
 }
 
 #[tokio::test]

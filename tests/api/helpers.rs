@@ -326,6 +326,39 @@ impl TestApp {
             .expect("count")
     }
 
+    /// Asserts that no dataset row, dataset file or temporary file is left,
+    /// and that the server still answers.
+    pub async fn assert_no_dataset_stored(&self) {
+        assert_eq!(self.count("datasets").await, 0);
+        for sub in ["datasets", "tmp"] {
+            let left = self.files_under(sub);
+            assert!(left.is_empty(), "left in {sub}: {left:?}");
+        }
+        assert_eq!(self.get("/healthz").await.status, StatusCode::OK);
+    }
+
+    /// Posts one image to `/predict` (the default model, or `model`);
+    /// asserts success and returns the image's predictions.
+    pub async fn predict_one(
+        &self,
+        model: Option<&str>,
+        filename: &str,
+        image: Vec<u8>,
+    ) -> Vec<Value> {
+        let path = match model {
+            Some(model) => format!("/predict?model={model}"),
+            None => "/predict".to_string(),
+        };
+        let reply = self
+            .post_multipart(&path, &[Part::file("image", filename, image)])
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.json);
+        reply.json["results"][0]["predictions"]
+            .as_array()
+            .expect("predictions")
+            .clone()
+    }
+
     /// Files under an artifacts subdirectory (recursively).
     pub fn files_under(&self, sub: &str) -> Vec<PathBuf> {
         fn walk(dir: &std::path::Path, out: &mut Vec<PathBuf>) {

@@ -361,18 +361,7 @@ async fn each_bad_input_names_the_file_and_stores_nothing() {
     let (path, _) = first_error(post(vec![("strict", "maybe")], fashion_entries("", 4)).await);
     assert_eq!(path, "strict");
 
-    assert_eq!(app.count("datasets").await, 0);
-    assert!(
-        app.files_under("datasets").is_empty(),
-        "{:?}",
-        app.files_under("datasets")
-    );
-    assert!(
-        app.files_under("tmp").is_empty(),
-        "{:?}",
-        app.files_under("tmp")
-    );
-    assert_eq!(app.get("/healthz").await.status, StatusCode::OK);
+    app.assert_no_dataset_stored().await;
 }
 
 #[tokio::test]

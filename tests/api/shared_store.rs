@@ -4,13 +4,12 @@
 
 use std::path::{Path, PathBuf};
 
-use axum::http::StatusCode;
 use finetuned::artifacts::Artifacts;
 use finetuned::train::Worker;
 use image::ImageFormat;
 use serde_json::json;
 
-use crate::helpers::{encode, ran_status, render, torch_rng, Part, TestApp};
+use crate::helpers::{encode, ran_status, render, torch_rng, TestApp};
 
 fn files(root: &Path) -> Vec<String> {
     fn walk(dir: &Path, root: &Path, out: &mut Vec<String>) {
@@ -90,17 +89,7 @@ async fn hosts_share_datasets_checkpoints_and_models_through_the_store() {
     // The API host never had the model locally; it fetches it to serve.
     assert!(!api_cache.join(format!("jobs/{job}")).exists());
     let png = encode(&render(0, 99, 48), ImageFormat::Png);
-    let reply = app
-        .post_multipart("/predict", &[Part::file("image", "x.png", png)])
-        .await;
-    assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.json);
-    assert_eq!(
-        reply.json["results"][0]["predictions"]
-            .as_array()
-            .unwrap()
-            .len(),
-        3
-    );
+    assert_eq!(app.predict_one(None, "x.png", png).await.len(), 3);
     assert!(api_cache
         .join(format!("jobs/{job}/best.safetensors"))
         .exists());

@@ -258,17 +258,7 @@ async fn a_dataset_stored_at_a_smaller_side_trains_and_serves_at_that_side() {
     assert_eq!(model["stored_size"], 72);
 
     let photo = encode(&render(0, 99, 120), ImageFormat::Png);
-    let reply = app
-        .post_multipart("/predict", &[Part::file("image", "disc.png", photo)])
-        .await;
-    assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.json);
-    assert_eq!(
-        reply.json["results"][0]["predictions"]
-            .as_array()
-            .unwrap()
-            .len(),
-        3
-    );
+    assert_eq!(app.predict_one(None, "disc.png", photo).await.len(), 3);
 
     let bad = app
         .post_multipart(
@@ -308,16 +298,9 @@ async fn each_efficientnet_lite_fine_tunes_and_serves_through_the_api() {
         assert_eq!(model["backbone"], backbone);
 
         let photo = encode(&render(1, 5, 80), ImageFormat::Jpeg);
-        let reply = app
-            .post_multipart(
-                &format!("/predict?model={model_id}"),
-                &[Part::file("image", "square.jpg", photo)],
-            )
-            .await;
-        assert_eq!(reply.status, StatusCode::OK, "{backbone}: {:?}", reply.json);
-        let scores: f64 = reply.json["results"][0]["predictions"]
-            .as_array()
-            .unwrap()
+        let scores: f64 = app
+            .predict_one(Some(model_id), "square.jpg", photo)
+            .await
             .iter()
             .map(|p| p["score"].as_f64().unwrap())
             .sum();
