@@ -130,12 +130,19 @@ async fn api_keys_guard_every_route_by_scope() {
         with_token(&app, "GET", "/datasets", a).await.status,
         StatusCode::OK
     );
-    let used: Option<chrono::DateTime<chrono::Utc>> =
-        sqlx::query_scalar("SELECT last_used_at FROM api_keys WHERE id = $1")
+    // Recorded in the background, off the request's path.
+    let mut used: Option<chrono::DateTime<chrono::Utc>> = None;
+    for _ in 0..50 {
+        used = sqlx::query_scalar("SELECT last_used_at FROM api_keys WHERE id = $1")
             .bind(admin.row.id)
             .fetch_one(&app.pool)
             .await
             .unwrap();
+        if used.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     assert!(used.is_some(), "use of a key is recorded");
 
     // Revoked keys stop working; revoking every key does not reopen the API.
