@@ -85,9 +85,7 @@ fn main() {
 /// and its epoch.
 fn train(dataset: &Path, job_dir: &Path, mut config: Value) -> (f64, i32) {
     config["dataset_id"] = json!(uuid::Uuid::nil());
-    let weights_dir = std::env::var_os("FINETUNED_WEIGHTS_DIR")
-        .map(Into::into)
-        .unwrap_or_else(|| Path::new(&std::env::var("FINETUNED_CACHE").unwrap()).join("weights"));
+    let weights_dir = finetuned::setup_weights_dir();
     let request: JobRequest = serde_json::from_value(config).unwrap();
     let job = request
         .validate(&weights_dir)

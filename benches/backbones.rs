@@ -6,7 +6,7 @@
 //! `cargo bench --bench backbones` (after `source scripts/env.sh`).
 //! BENCH_SECONDS (default 5) per measurement.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
@@ -20,9 +20,7 @@ fn main() {
         .unwrap_or(5.0);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     tch::set_num_threads(threads as i32);
-    let weights_dir: PathBuf = std::env::var_os("FINETUNED_WEIGHTS_DIR")
-        .map(Into::into)
-        .unwrap_or_else(|| Path::new(&std::env::var("FINETUNED_CACHE").unwrap()).join("weights"));
+    let weights_dir = finetuned::setup_weights_dir();
     println!("inference images/s, {threads} threads, {seconds} s per cell; finetuned = the folded network /predict runs, PyTorch = the reference implementation, eager");
     println!(
         "{:<20} | {:>5} | {:>10} | {:>6} | {:>22} | {:>22}",

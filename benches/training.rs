@@ -207,15 +207,7 @@ fn write_images(dir: &Path, zip_path: &Path, per_class: usize) {
 }
 
 fn weights_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("FINETUNED_WEIGHTS_DIR") {
-        return dir.into();
-    }
-    let cache = std::env::var_os("FINETUNED_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/finetuned")
-        });
-    cache.join("weights")
+    finetuned::setup_weights_dir()
 }
 
 /// A nominal peak from /proc/cpuinfo: cores × clock × FP32 FLOP per cycle

@@ -30,6 +30,30 @@ pub mod store;
 pub mod telemetry;
 pub mod train;
 
+/// The per-user cache `scripts/setup` fills (torch, weights, sample
+/// photos): `FINETUNED_CACHE`, else `$XDG_CACHE_HOME/finetuned`, else
+/// `~/.cache/finetuned`, as `scripts/env.sh` decides it.
+pub fn setup_cache_dir() -> std::path::PathBuf {
+    use std::path::PathBuf;
+    if let Some(dir) = std::env::var_os("FINETUNED_CACHE") {
+        return dir.into();
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache")
+        });
+    cache.join("finetuned")
+}
+
+/// The weights `scripts/setup` installed: `FINETUNED_WEIGHTS_DIR`, else the
+/// setup cache's `weights/` (what the tools and benchmarks read).
+pub fn setup_weights_dir() -> std::path::PathBuf {
+    std::env::var_os("FINETUNED_WEIGHTS_DIR")
+        .map(Into::into)
+        .unwrap_or_else(|| setup_cache_dir().join("weights"))
+}
+
 /// The message of a caught panic (libtorch errors surface as panics in tch).
 pub fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
     panic

@@ -217,15 +217,7 @@ fn weights(action: WeightsAction) -> anyhow::Result<()> {
                     .filter(|s| s.weights_path(&weights_dir).exists())
                     .collect(),
             };
-            let photos = photos.unwrap_or_else(|| {
-                std::env::var_os("FINETUNED_CACHE")
-                    .map(std::path::PathBuf::from)
-                    .unwrap_or_else(|| {
-                        std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
-                            .join(".cache/finetuned")
-                    })
-                    .join("fixtures")
-            });
+            let photos = photos.unwrap_or_else(|| finetuned::setup_cache_dir().join("fixtures"));
             let python = python.unwrap_or_else(verify::default_python);
             let mut failed = Vec::new();
             for spec in chosen {
