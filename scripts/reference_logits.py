@@ -1,5 +1,5 @@
 """ImageNet logits of a backbone's reference PyTorch implementation, for
-`finetuned weights verify`: torchvision's MobileNetV2 and ResNets, or EfficientNet-Lite
+`finetuned weights verify`: torchvision's MobileNetV2, ResNets and EfficientNets, or EfficientNet-Lite
 from the efficientnet-lite-pytorch package, with the same safetensors
 weights finetuned loads (every tensor must be used, by name).
 
@@ -16,7 +16,7 @@ def reference(name: str) -> torch.nn.Module:
         import torchvision
 
         return torchvision.models.mobilenet_v2()
-    if name.startswith("resnet"):
+    if name.startswith(("resnet", "efficientnet_b")):
         import torchvision
 
         return getattr(torchvision.models, name)()

@@ -29,6 +29,8 @@ pub enum Activation {
     None,
     Relu,
     Relu6,
+    /// `x·σ(x)` (EfficientNet's "swish").
+    Silu,
 }
 
 impl Activation {
@@ -46,6 +48,7 @@ impl Activation {
             Activation::None => x,
             Activation::Relu => x.relu(),
             Activation::Relu6 => x.relu6(),
+            Activation::Silu => x.silu(),
         }
     }
 }
@@ -126,10 +129,48 @@ pub enum Shortcut {
     Conv(FoldedConv),
 }
 
+/// Squeeze-and-excitation: channel weights `σ(fc2(SiLU(fc1(mean(x)))))`
+/// scale `x` (torchvision's `SqueezeExcitation` with SiLU).
+pub struct SqueezeExcite {
+    fc1: (Tensor, Tensor),
+    fc2: (Tensor, Tensor),
+}
+
+impl SqueezeExcite {
+    /// Reads `{prefix}.fc1` and `{prefix}.fc2` (1×1 convolutions with bias).
+    pub fn new(vars: &Variables, prefix: &str) -> Result<Self, String> {
+        let conv = |name: &str| -> Result<(Tensor, Tensor), String> {
+            Ok((
+                vars.get(&format!("{prefix}.{name}.weight"))?,
+                vars.get(&format!("{prefix}.{name}.bias"))?,
+            ))
+        };
+        Ok(Self {
+            fc1: conv("fc1")?,
+            fc2: conv("fc2")?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let squeezed = x.mean_dim(Some([2i64, 3].as_slice()), true, x.kind());
+        let conv =
+            |x: &Tensor, (w, b): &(Tensor, Tensor)| x.conv2d(w, Some(b), [1, 1], [0, 0], [1, 1], 1);
+        let scale = conv(&conv(&squeezed, &self.fc1).silu(), &self.fc2).sigmoid();
+        x * scale
+    }
+
+    fn tensors(&self) -> [&Tensor; 4] {
+        [&self.fc1.0, &self.fc1.1, &self.fc2.0, &self.fc2.1]
+    }
+}
+
 /// A run of folded convolutions, plus the shortcut, then `after`, then (in
 /// a ResNet stem) a 3×3 stride-2 max pool.
 pub struct FoldedBlock {
     pub convs: Vec<FoldedConv>,
+    /// Applied to the input of the last convolution (EfficientNet's SE
+    /// before the projection).
+    pub squeeze_excite: Option<SqueezeExcite>,
     pub shortcut: Shortcut,
     pub after: Activation,
     pub max_pool: bool,
@@ -140,6 +181,7 @@ impl FoldedBlock {
     pub fn plain(convs: Vec<FoldedConv>, residual: bool) -> Self {
         Self {
             convs,
+            squeeze_excite: None,
             shortcut: if residual {
                 Shortcut::Identity
             } else {
@@ -151,10 +193,15 @@ impl FoldedBlock {
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
+        let last = self.convs.len() - 1;
         let y = self
             .convs
             .iter()
-            .fold(x.shallow_clone(), |y, c| c.forward(&y));
+            .enumerate()
+            .fold(x.shallow_clone(), |y, (i, c)| match &self.squeeze_excite {
+                Some(se) if i == last => c.forward(&se.forward(&y)),
+                _ => c.forward(&y),
+            });
         let y = match &self.shortcut {
             Shortcut::None => y,
             Shortcut::Identity => y + x,
@@ -188,13 +235,20 @@ impl FoldedNet {
     /// Memory taken by the network's tensors.
     pub fn bytes(&self) -> usize {
         let size = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
-        self.blocks
+        let convs: usize = self
+            .blocks
             .iter()
             .flat_map(FoldedBlock::convs)
             .map(|c| size(&c.weight) + size(&c.bias))
-            .sum::<usize>()
-            + size(&self.head_weight)
-            + size(&self.head_bias)
+            .sum();
+        let squeeze_excites: usize = self
+            .blocks
+            .iter()
+            .filter_map(|b| b.squeeze_excite.as_ref())
+            .flat_map(SqueezeExcite::tensors)
+            .map(size)
+            .sum();
+        convs + squeeze_excites + size(&self.head_weight) + size(&self.head_bias)
     }
 
     /// Logits `[N, classes]` for model input `[N, 3, H, W]`.

@@ -1,5 +1,6 @@
 //! The backbone catalogue and the classifier built on a backbone.
 
+pub mod efficientnet;
 pub mod efficientnet_lite;
 pub mod folded;
 pub mod import;
@@ -145,6 +146,102 @@ pub const CATALOGUE: &[BackboneSpec] = &[
         weights_file: "resnet101.safetensors",
         weights_source: IMPORTED_SOURCE,
     },
+    BackboneSpec {
+        name: "efficientnet_b0",
+        family: "EfficientNet",
+        parameters: 4_007_548,
+        feature_dim: efficientnet::B0.feature_dim(),
+        default_image_size: 224,
+        normalization: Normalization::IMAGENET,
+        imagenet_top1: 77.692,
+        bundled: false,
+        weights_file: "efficientnet_b0.safetensors",
+        weights_source: IMPORTED_SOURCE,
+    },
+    BackboneSpec {
+        name: "efficientnet_b1",
+        family: "EfficientNet",
+        parameters: 6_513_184,
+        feature_dim: efficientnet::B1.feature_dim(),
+        default_image_size: 240,
+        normalization: Normalization::IMAGENET,
+        imagenet_top1: 78.642,
+        bundled: false,
+        weights_file: "efficientnet_b1.safetensors",
+        weights_source: IMPORTED_SOURCE,
+    },
+    BackboneSpec {
+        name: "efficientnet_b2",
+        family: "EfficientNet",
+        parameters: 7_700_994,
+        feature_dim: efficientnet::B2.feature_dim(),
+        default_image_size: 288,
+        normalization: Normalization::IMAGENET,
+        imagenet_top1: 80.608,
+        bundled: false,
+        weights_file: "efficientnet_b2.safetensors",
+        weights_source: IMPORTED_SOURCE,
+    },
+    BackboneSpec {
+        name: "efficientnet_b3",
+        family: "EfficientNet",
+        parameters: 10_696_232,
+        feature_dim: efficientnet::B3.feature_dim(),
+        default_image_size: 300,
+        normalization: Normalization::IMAGENET,
+        imagenet_top1: 82.008,
+        bundled: false,
+        weights_file: "efficientnet_b3.safetensors",
+        weights_source: IMPORTED_SOURCE,
+    },
+    BackboneSpec {
+        name: "efficientnet_b4",
+        family: "EfficientNet",
+        parameters: 17_548_616,
+        feature_dim: efficientnet::B4.feature_dim(),
+        default_image_size: 380,
+        normalization: Normalization::IMAGENET,
+        imagenet_top1: 83.384,
+        bundled: false,
+        weights_file: "efficientnet_b4.safetensors",
+        weights_source: IMPORTED_SOURCE,
+    },
+    BackboneSpec {
+        name: "efficientnet_b5",
+        family: "EfficientNet",
+        parameters: 28_340_784,
+        feature_dim: efficientnet::B5.feature_dim(),
+        default_image_size: 456,
+        normalization: Normalization::IMAGENET,
+        imagenet_top1: 83.444,
+        bundled: false,
+        weights_file: "efficientnet_b5.safetensors",
+        weights_source: IMPORTED_SOURCE,
+    },
+    BackboneSpec {
+        name: "efficientnet_b6",
+        family: "EfficientNet",
+        parameters: 40_735_704,
+        feature_dim: efficientnet::B6.feature_dim(),
+        default_image_size: 528,
+        normalization: Normalization::IMAGENET,
+        imagenet_top1: 84.008,
+        bundled: false,
+        weights_file: "efficientnet_b6.safetensors",
+        weights_source: IMPORTED_SOURCE,
+    },
+    BackboneSpec {
+        name: "efficientnet_b7",
+        family: "EfficientNet",
+        parameters: 63_786_960,
+        feature_dim: efficientnet::B7.feature_dim(),
+        default_image_size: 600,
+        normalization: Normalization::IMAGENET,
+        imagenet_top1: 84.122,
+        bundled: false,
+        weights_file: "efficientnet_b7.safetensors",
+        weights_source: IMPORTED_SOURCE,
+    },
 ];
 
 pub fn find(name: &str) -> Option<&'static BackboneSpec> {
@@ -166,6 +263,13 @@ impl BackboneSpec {
         }
     }
 
+    fn efficientnet_variant(&self) -> Option<efficientnet::Variant> {
+        use efficientnet::*;
+        let variants = [B0, B1, B2, B3, B4, B5, B6, B7];
+        let index: usize = self.name.strip_prefix("efficientnet_b")?.parse().ok()?;
+        variants.get(index).copied()
+    }
+
     fn lite_variant(&self) -> Option<efficientnet_lite::Variant> {
         match self.name {
             "efficientnet_lite0" => Some(efficientnet_lite::LITE0),
@@ -177,6 +281,9 @@ impl BackboneSpec {
 
     /// Builds the backbone's stages under `root`.
     fn build(&self, root: &nn::Path) -> Vec<Stage> {
+        if let Some(variant) = self.efficientnet_variant() {
+            return efficientnet::stages(root, variant);
+        }
         match (self.name, self.lite_variant(), self.resnet_variant()) {
             ("mobilenet_v2", ..) => mobilenet_v2::stages(root),
             (_, Some(variant), _) => efficientnet_lite::stages(root, variant),
@@ -187,6 +294,9 @@ impl BackboneSpec {
 
     /// The serving network of a checkpoint (BatchNorm folded).
     pub fn folded(&self, vars: &folded::Variables) -> Result<folded::FoldedNet, String> {
+        if let Some(variant) = self.efficientnet_variant() {
+            return efficientnet::folded(vars, variant);
+        }
         match (self.name, self.lite_variant(), self.resnet_variant()) {
             ("mobilenet_v2", ..) => mobilenet_v2::folded(vars),
             (_, Some(variant), _) => efficientnet_lite::folded(vars, variant),
@@ -200,6 +310,7 @@ impl BackboneSpec {
     pub fn imagenet_classifier_prefix(&self) -> &'static str {
         match (self.name, self.lite_variant()) {
             ("mobilenet_v2", _) => "classifier.1",
+            _ if self.efficientnet_variant().is_some() => "classifier.1",
             (_, Some(_)) => "_fc",
             _ => "fc",
         }

@@ -199,6 +199,7 @@ pub fn folded(vars: &Variables, variant: Variant) -> Result<FoldedNet, String> {
     };
     let mut blocks = vec![FoldedBlock {
         convs: vec![conv("conv1", "bn1", 2, Activation::Relu)?],
+        squeeze_excite: None,
         shortcut: Shortcut::None,
         after: Activation::None,
         max_pool: true,
@@ -237,6 +238,7 @@ pub fn folded(vars: &Variables, variant: Variant) -> Result<FoldedNet, String> {
             };
             blocks.push(FoldedBlock {
                 convs,
+                squeeze_excite: None,
                 shortcut,
                 after: Activation::Relu,
                 max_pool: false,

@@ -1,4 +1,4 @@
-//! Users' own weights: a torchvision ResNet state dict (made by the
+//! Users' own weights: torchvision ResNet and EfficientNet state dicts (made by the
 //! virtualenv's torch and saved with `torch.save`) is checked against the
 //! architecture, imported, verified against torchvision, fine-tuned through
 //! the API and served.
@@ -15,11 +15,16 @@ use crate::helpers::{
     encode, fixtures_dir, render, small_batching, torch_python, torch_rng, TestApp,
 };
 
-/// Saves a randomly initialised torchvision model's state dict.
+/// Saves a randomly initialised torchvision model's state dict, its
+/// BatchNorm statistics taken from two batches of noise (so that they are
+/// not the identity and the comparison covers them).
 fn torchvision_state_dict(arch: &str, out: &Path) {
     let script = "import sys, torch, torchvision\n\
                   torch.manual_seed(0)\n\
-                  torch.save(getattr(torchvision.models, sys.argv[1])().state_dict(), sys.argv[2])";
+                  model = getattr(torchvision.models, sys.argv[1])()\n\
+                  with torch.no_grad():\n    \
+                      [model(torch.rand(4, 3, 96, 96)) for _ in range(2)]\n\
+                  torch.save(model.state_dict(), sys.argv[2])";
     let status = Command::new(torch_python())
         .args(["-c", script, arch])
         .arg(out)
@@ -94,9 +99,16 @@ async fn an_imported_resnet_is_checked_verified_trained_and_served() {
         "{errors:?}"
     );
 
+    train_and_serve(&app, dataset_id, "resnet18").await;
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Fine-tunes the last stage and head of `backbone` for one epoch through
+/// the API and serves the model.
+async fn train_and_serve(app: &TestApp, dataset_id: String, backbone: &str) {
     let job_id = app
         .submit_job(json!({
-            "dataset_id": dataset_id, "backbone": "resnet18", "epochs": 1,
+            "dataset_id": dataset_id, "backbone": backbone, "epochs": 1,
             "image_size": 64, "batch_size": 6, "freeze": "last_n", "trainable_stages": 1
         }))
         .await;
@@ -105,5 +117,34 @@ async fn an_imported_resnet_is_checked_verified_trained_and_served() {
     assert_eq!(job["status"], "succeeded", "{job:?}");
     let photo = encode(&render(2, 7, 80), ImageFormat::Png);
     assert_eq!(app.predict_one(None, "stripes.png", photo).await.len(), 3);
+}
+
+#[tokio::test]
+async fn an_imported_efficientnet_is_checked_verified_trained_and_served() {
+    let _rng = torch_rng().await;
+    let dir = std::env::temp_dir().join(format!("import-{}", uuid::Uuid::new_v4().simple()));
+    let weights_dir = dir.join("weights");
+    std::fs::create_dir_all(&weights_dir).unwrap();
+    let b0 = models::find("efficientnet_b0").unwrap();
+    let python = torch_python();
+
+    // B1 has more blocks than B0 at the same width: refused by name.
+    torchvision_state_dict("efficientnet_b1", &dir.join("b1.pth"));
+    let err = import::import_weights(&dir.join("b1.pth"), b0, &weights_dir, &python).unwrap_err();
+    assert!(err.contains("does not match efficientnet_b0"), "{err}");
+    assert!(err.contains("features.1.1.block"), "{err}");
+
+    torchvision_state_dict("efficientnet_b0", &dir.join("b0.pth"));
+    let imported = import::import_weights(&dir.join("b0.pth"), b0, &weights_dir, &python).unwrap();
+    assert!(imported.imagenet_classifier);
+    let report = verify::against_pytorch(b0, &weights_dir, &fixtures_dir(), &python).unwrap();
+    assert!(report.passed(), "{report:?}");
+
+    let app = TestApp::spawn_custom(small_batching(), |state| {
+        state.weights_dir = weights_dir.clone();
+    })
+    .await;
+    let dataset_id = app.shapes_dataset(4, 64).await;
+    train_and_serve(&app, dataset_id, "efficientnet_b0").await;
     std::fs::remove_dir_all(&dir).unwrap();
 }
