@@ -88,7 +88,7 @@ fn train(dataset: &Path, job_dir: &Path, mut config: Value) -> (f64, i32) {
     let weights_dir = finetuned::setup_weights_dir();
     let request: JobRequest = serde_json::from_value(config).unwrap();
     let job = request
-        .validate(&weights_dir)
+        .validate(&weights_dir, None)
         .expect("a valid configuration");
     let spec = TrainSpec {
         config: job.config,
@@ -98,6 +98,7 @@ fn train(dataset: &Path, job_dir: &Path, mut config: Value) -> (f64, i32) {
         job_dir: job_dir.to_path_buf(),
         device: tch::Device::Cpu,
         resume: None,
+        script: None,
     };
     let summary =
         trainer::train(&spec, &AtomicBool::new(false), &mut |_| {}).expect("training runs");

@@ -124,7 +124,7 @@ fn train_epoch_speed(dataset: &Path, job_dir: &Path, weights_dir: &Path, extra: 
     }
     let request: JobRequest = serde_json::from_value(body).unwrap();
     let config = request
-        .validate(weights_dir)
+        .validate(weights_dir, None)
         .expect("valid configuration")
         .config;
     let spec = TrainSpec {
@@ -135,6 +135,7 @@ fn train_epoch_speed(dataset: &Path, job_dir: &Path, weights_dir: &Path, extra: 
         job_dir: job_dir.to_path_buf(),
         device: tch::Device::Cpu,
         resume: None,
+        script: None,
     };
     let mut speeds = Vec::new();
     trainer::train(&spec, &AtomicBool::new(false), &mut |event| {

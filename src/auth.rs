@@ -63,7 +63,7 @@ pub fn required_scope(method: &Method, path: &str) -> Option<Scope> {
     match (method, segments.as_slice()) {
         (_, ["healthz" | "readyz" | "metrics" | "openapi.yaml"]) => None,
         (&Method::POST, ["predict"]) => Some(Scope::Predict),
-        (&Method::GET | &Method::HEAD, ["models" | "backbones"] | ["models", _]) => {
+        (&Method::GET | &Method::HEAD, ["models" | "backbones"] | ["models" | "backbones", _]) => {
             Some(Scope::Predict)
         }
         _ => Some(Scope::Admin),

@@ -25,6 +25,7 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod models;
+pub mod native;
 pub mod serve;
 pub mod store;
 pub mod telemetry;

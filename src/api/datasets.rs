@@ -120,7 +120,7 @@ impl UploadForm {
 
 /// Streams chunks into a new file at `path`, refusing more than `limit`
 /// bytes. Returns the bytes written.
-async fn write_upload(
+pub(super) async fn write_upload(
     path: &FsPath,
     mut chunks: impl futures_util::Stream<Item = Result<axum::body::Bytes, ApiError>> + Unpin,
     limit: usize,
@@ -560,16 +560,16 @@ fn archive_stem(filename: &str) -> &str {
         .unwrap_or(filename)
 }
 
-fn internal(err: std::io::Error) -> ApiError {
+pub(super) fn internal(err: std::io::Error) -> ApiError {
     ApiError::Internal(err.into())
 }
 
 /// Removes a file or directory when dropped, unless kept: a failed or
 /// abandoned upload leaves nothing behind.
-struct RemoveOnDrop(PathBuf);
+pub(super) struct RemoveOnDrop(pub PathBuf);
 
 impl RemoveOnDrop {
-    fn keep(mut self) {
+    pub(super) fn keep(mut self) {
         self.0 = PathBuf::new();
     }
 }

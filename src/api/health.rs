@@ -4,12 +4,11 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::Json;
-use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::AppState;
 use crate::error::ApiError;
-use crate::models::{self, BackboneSpec};
+use crate::models;
 use crate::{store, telemetry};
 
 pub async fn healthz() -> Json<Value> {
@@ -81,29 +80,6 @@ pub async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse,
         w = telemetry::WORKERS_SEEN
     ));
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text))
-}
-
-#[derive(Serialize)]
-pub struct BackboneView {
-    #[serde(flatten)]
-    spec: BackboneSpec,
-    /// Whether the pretrained weights are installed, so jobs can use it.
-    weights: bool,
-    /// Stages, first to last, that freezing counts (`trainable_stages`).
-    stages: Vec<String>,
-}
-
-pub async fn backbones(State(state): State<AppState>) -> Json<Vec<BackboneView>> {
-    Json(
-        models::CATALOGUE
-            .iter()
-            .map(|spec| BackboneView {
-                spec: *spec,
-                weights: spec.weights_path(&state.weights_dir).exists(),
-                stages: spec.stage_names(),
-            })
-            .collect(),
-    )
 }
 
 pub async fn openapi() -> impl IntoResponse {

@@ -11,9 +11,10 @@ use uuid::Uuid;
 use super::extract::ApiJson;
 use super::{parse_id, AppState};
 use crate::error::{ApiError, FieldError};
-use crate::store::datasets;
+use crate::models;
 use crate::store::jobs::{self as store, JobRow, NewJob, RunRow};
 use crate::store::metrics::{self, EpochMetrics};
+use crate::store::{backbones, datasets};
 use crate::train::JobRequest;
 
 const IDEMPOTENCY_KEY: &str = "idempotency-key";
@@ -107,8 +108,14 @@ pub async fn create(
         ),
         None => None,
     };
+    let uploaded = match request.backbone.as_deref() {
+        Some(name) if models::find(name).is_none() => backbones::get(&state.pool, name)
+            .await?
+            .map(|row| row.spec(&state.artifacts)),
+        _ => None,
+    };
     let job = request
-        .validate(&state.weights_dir)
+        .validate(&state.weights_dir, uploaded.as_ref())
         .map_err(|errors| ApiError::invalid("the job configuration is invalid", errors))?;
     let dataset = datasets::get(&state.pool, job.dataset_id).await?;
     let problem = match dataset.map(|d| d.status) {

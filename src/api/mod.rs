@@ -1,5 +1,6 @@
 //! The HTTP API: router, shared state, one module per resource.
 
+mod backbones;
 mod datasets;
 mod events;
 mod extract;
@@ -56,12 +57,13 @@ pub fn router(state: AppState) -> Router {
     let limits = state.limits.clone();
     let uploads = Router::new()
         .route("/datasets", post(datasets::create))
+        .route("/backbones", post(backbones::create))
         .layer(DefaultBodyLimit::max(limits.max_upload_bytes))
         .layer(from_fn_with_state(limits.upload_timeout, limits::deadline))
         .layer(from_fn_with_state(
             (
                 Arc::new(Semaphore::new(limits.max_concurrent_uploads)),
-                "dataset uploads",
+                "uploads",
             ),
             limits::concurrency,
         ));
@@ -90,7 +92,11 @@ pub fn router(state: AppState) -> Router {
         .route("/models/{id}", get(models::get))
         .route("/models/{id}/deploy", post(models::deploy))
         .route("/models/{id}/export", get(models::export))
-        .route("/backbones", get(health::backbones))
+        .route("/backbones", get(backbones::list))
+        .route(
+            "/backbones/{name}",
+            get(backbones::get).delete(backbones::delete),
+        )
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))

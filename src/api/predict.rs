@@ -267,7 +267,26 @@ pub(super) async fn model_spec(state: &AppState, model: &ModelRow) -> Result<Mod
         .fetch_final(&model.artifact_key)
         .await
         .map_err(|e| ApiError::Internal(e.into()))?;
-    ModelSpec::of(model, &state.artifacts).map_err(|e| ApiError::Internal(e.into()))
+    let mut spec =
+        ModelSpec::of(model, &state.artifacts).map_err(|e| ApiError::Internal(e.into()))?;
+    if crate::models::find(&model.backbone).is_none() {
+        let backbone = crate::store::backbones::get(&state.pool, &model.backbone)
+            .await?
+            .ok_or_else(|| {
+                ApiError::Internal(anyhow::anyhow!(
+                    "model {} needs backbone {}, which is gone",
+                    model.id,
+                    model.backbone
+                ))
+            })?;
+        state
+            .artifacts
+            .fetch(&backbone.artifact_key)
+            .await
+            .map_err(|e| ApiError::Internal(e.into()))?;
+        spec.script = Some(backbone.spec(&state.artifacts));
+    }
+    Ok(spec)
 }
 
 fn image_path(index: usize, filename: &Option<String>) -> String {

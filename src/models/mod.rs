@@ -6,6 +6,7 @@ pub mod folded;
 pub mod import;
 pub mod mobilenet_v2;
 pub mod resnet;
+pub mod script;
 pub mod verify;
 
 use std::path::{Path, PathBuf};
@@ -388,9 +389,16 @@ impl Stage {
 /// Prefix of the new head's variables; everything else is the backbone's.
 pub const HEAD_PREFIX: &str = "head";
 
+/// The layers under the head: catalogue modules, or an uploaded
+/// TorchScript module.
+enum Base {
+    Native(Vec<Stage>),
+    Script(script::ScriptBase),
+}
+
 /// A backbone with a new linear head over the dataset's classes.
 pub struct Classifier {
-    stages: Vec<Stage>,
+    base: Base,
     head: nn::Linear,
     /// Leading stages that are frozen: no gradients, and (unless
     /// `frozen_batchnorm` is off) BatchNorm statistics left as pretrained.
@@ -419,7 +427,25 @@ impl Classifier {
         let head_path = vs.root().set_group(stages.len()) / HEAD_PREFIX;
         let head = nn::linear(head_path, spec.feature_dim, num_classes, Default::default());
         Ok(Self {
-            stages,
+            base: Base::Native(stages),
+            head,
+            frozen: 0,
+            frozen_batchnorm: true,
+        })
+    }
+
+    /// Builds the model on an uploaded TorchScript backbone (its own
+    /// weights); the head's variables are in optimizer group `num_stages()`.
+    pub fn from_script(
+        vs: &nn::VarStore,
+        spec: &script::ScriptSpec,
+        num_classes: i64,
+    ) -> Result<Self, String> {
+        let base = spec.load_into(vs)?;
+        let head_path = vs.root().set_group(base.num_stages()) / HEAD_PREFIX;
+        let head = nn::linear(head_path, spec.feature_dim, num_classes, Default::default());
+        Ok(Self {
+            base: Base::Script(base),
             head,
             frozen: 0,
             frozen_batchnorm: true,
@@ -427,14 +453,22 @@ impl Classifier {
     }
 
     pub fn num_stages(&self) -> usize {
-        self.stages.len()
+        match &self.base {
+            Base::Native(stages) => stages.len(),
+            Base::Script(base) => base.num_stages(),
+        }
     }
 
     /// Freezes the first `n` stages and unfreezes the rest (and the head).
     /// Only trainable variables are touched: BatchNorm running statistics
     /// never take gradients.
     pub fn set_frozen_stages(&mut self, vs: &nn::VarStore, n: usize) {
-        let n = n.min(self.stages.len());
+        let n = n.min(self.num_stages());
+        self.frozen = n;
+        let stages = match &self.base {
+            Base::Native(stages) => stages,
+            Base::Script(base) => return base.set_frozen_stages(n),
+        };
         let trainable: std::collections::HashSet<usize> = vs
             .trainable_variables()
             .iter()
@@ -444,11 +478,10 @@ impl Classifier {
             if !trainable.contains(&(var.data_ptr() as usize)) {
                 continue;
             }
-            let stage = self.stages.iter().position(|s| s.owns(&name));
+            let stage = stages.iter().position(|s| s.owns(&name));
             let trainable = stage.is_none_or(|i| i >= n);
             let _ = var.set_requires_grad(trainable);
         }
-        self.frozen = n;
     }
 
     pub fn frozen_stages(&self) -> usize {
@@ -468,7 +501,13 @@ impl Classifier {
 
     /// The backbone's pooled features `[N, feature_dim]`.
     pub fn features_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        let (frozen, trainable) = self.stages.split_at(self.frozen);
+        let stages = match &self.base {
+            Base::Native(stages) => stages,
+            Base::Script(base) => {
+                return base.features(xs, !train || self.frozen == base.num_stages())
+            }
+        };
+        let (frozen, trainable) = stages.split_at(self.frozen);
         let frozen_train = train && !self.frozen_batchnorm;
         let mut x = tch::no_grad(|| {
             frozen

@@ -18,6 +18,7 @@ use uuid::Uuid;
 
 use crate::data::preprocess::{self, Normalization};
 use crate::models::folded::{FoldedNet, Variables};
+use crate::models::script::{self, ScriptSpec};
 use crate::models::{self, Classifier};
 use crate::telemetry;
 
@@ -32,6 +33,8 @@ pub struct ModelSpec {
     /// Side requests are decoded to (the side its dataset was stored at).
     pub stored_size: u32,
     pub normalization: Normalization,
+    /// The uploaded TorchScript backbone, when the model was trained on one.
+    pub script: Option<ScriptSpec>,
 }
 
 impl ModelSpec {
@@ -48,6 +51,7 @@ impl ModelSpec {
             image_size: i64::from(model.image_size),
             stored_size: model.stored_size as u32,
             normalization: serde_json::from_value(model.normalization.0.clone())?,
+            script: None,
         })
     }
 }
@@ -253,8 +257,63 @@ struct ModelCache {
     entries: Vec<(Uuid, LoadedModel)>,
 }
 
+/// The network a model is served with.
+enum ServingNet {
+    /// A catalogue backbone with BatchNorm folded, and the head.
+    Folded(FoldedNet),
+    /// An uploaded TorchScript backbone with the trained parameters, and
+    /// the head.
+    Script {
+        module: tch::CModule,
+        head_weight: Tensor,
+        head_bias: Tensor,
+    },
+}
+
+impl ServingNet {
+    /// Logits. A failing TorchScript module panics, as libtorch errors do
+    /// (callers catch both).
+    fn forward(&self, xs: &Tensor) -> Tensor {
+        match self {
+            ServingNet::Folded(net) => net.forward(xs),
+            ServingNet::Script {
+                module,
+                head_weight,
+                head_bias,
+            } => script::served_features(module, xs)
+                .unwrap_or_else(|e| panic!("the TorchScript backbone failed: {e}"))
+                .linear(head_weight, Some(head_bias)),
+        }
+    }
+
+    fn classes(&self) -> i64 {
+        match self {
+            ServingNet::Folded(net) => net.head_weight.size()[0],
+            ServingNet::Script { head_weight, .. } => head_weight.size()[0],
+        }
+    }
+
+    /// Memory its tensors take.
+    fn bytes(&self) -> Result<usize, String> {
+        let size = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
+        match self {
+            ServingNet::Folded(net) => Ok(net.bytes()),
+            ServingNet::Script {
+                module,
+                head_weight,
+                head_bias,
+            } => {
+                let params = module.named_parameters().map_err(|e| e.to_string())?;
+                Ok(params.iter().map(|(_, t)| size(t)).sum::<usize>()
+                    + size(head_weight)
+                    + size(head_bias))
+            }
+        }
+    }
+}
+
 struct LoadedModel {
-    net: FoldedNet,
+    net: ServingNet,
     spec: ModelSpec,
     /// The normalization's mean and std, on the model's device.
     mean: Tensor,
@@ -421,10 +480,9 @@ pub fn export_torchscript(spec: &ModelSpec, out: &std::path::Path) -> Result<(),
     traced.save(out).map_err(|e| e.to_string())
 }
 
-/// Loads a checkpoint as the serving network (BatchNorm folded).
+/// Loads a checkpoint as the serving network (BatchNorm folded for
+/// catalogue backbones).
 fn load(spec: &ModelSpec, device: Device) -> Result<LoadedModel, String> {
-    let backbone = models::find(&spec.backbone)
-        .ok_or_else(|| format!("unknown backbone {}", spec.backbone))?;
     let tensors = Tensor::read_safetensors(&spec.checkpoint).map_err(|e| e.to_string())?;
     let vars = Variables(
         tensors
@@ -432,15 +490,29 @@ fn load(spec: &ModelSpec, device: Device) -> Result<LoadedModel, String> {
             .map(|(name, t)| (name, t.to_device(device)))
             .collect(),
     );
-    let net = tch::no_grad(|| backbone.folded(&vars))?;
-    let classes = net.head_weight.size()[0];
+    let net = match &spec.script {
+        Some(script) => {
+            let (head_weight, head_bias) = vars.head()?;
+            ServingNet::Script {
+                module: script.load_trained(&vars, device)?,
+                head_weight,
+                head_bias,
+            }
+        }
+        None => {
+            let backbone = models::find(&spec.backbone)
+                .ok_or_else(|| format!("unknown backbone {}", spec.backbone))?;
+            ServingNet::Folded(tch::no_grad(|| backbone.folded(&vars))?)
+        }
+    };
+    let classes = net.classes();
     if classes != spec.labels.len() as i64 {
         return Err(format!(
             "the checkpoint has {classes} outputs for {} labels",
             spec.labels.len()
         ));
     }
-    let bytes = net.bytes();
+    let bytes = net.bytes()?;
     let (mean, std) = spec.normalization.tensors(device);
     Ok(LoadedModel {
         net,
@@ -471,6 +543,7 @@ mod tests {
             image_size: 64,
             stored_size: preprocess::STORED_SIZE,
             normalization: Normalization::IMAGENET,
+            script: None,
         }
     }
 

@@ -3,6 +3,7 @@
 //! Queries are checked at run time (`query_as`), so building the crate needs
 //! no database; the integration tests run every one of them.
 
+pub mod backbones;
 pub mod datasets;
 pub mod embedded;
 pub mod jobs;

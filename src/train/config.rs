@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use super::augment::Augmentation;
 use crate::error::FieldError;
-use crate::models;
+use crate::models::{self, script::ScriptSpec};
 
 /// The body of `POST /jobs`. Everything but `dataset_id` is optional.
 #[derive(Debug, Deserialize)]
@@ -214,15 +214,27 @@ fn yes() -> bool {
 impl JobRequest {
     /// Fills defaults and checks every field, reporting all problems at once.
     /// A backbone whose weights are not installed in `weights_dir` is refused.
-    pub fn validate(self, weights_dir: &Path) -> Result<ValidJob, Vec<FieldError>> {
+    /// `uploaded` is the uploaded TorchScript backbone of that name, if any.
+    pub fn validate(
+        self,
+        weights_dir: &Path,
+        uploaded: Option<&ScriptSpec>,
+    ) -> Result<ValidJob, Vec<FieldError>> {
         let mut c = Checker { errors: Vec::new() };
         let backbone = self.backbone.unwrap_or_else(|| "mobilenet_v2".to_string());
         let spec = models::find(&backbone);
+        if uploaded.is_some() && self.pretrained == Some(false) {
+            c.errors.push(FieldError::new(
+                "pretrained",
+                "an uploaded TorchScript backbone always starts from its own weights",
+            ));
+        }
         match spec {
+            None if uploaded.is_some() => {}
             None => c.errors.push(FieldError::new(
                 "backbone",
                 format!(
-                    "unknown backbone {backbone:?}; choose one of: {}",
+                    "unknown backbone {backbone:?}; choose one of (or upload one with POST /backbones): {}",
                     models::CATALOGUE
                         .iter()
                         .map(|b| b.name)
@@ -255,9 +267,12 @@ impl JobRequest {
                 "training from scratch (pretrained: false) needs freeze: full; a random frozen backbone learns nothing",
             ));
         }
-        let default_size = spec.map_or(224, |s| s.default_image_size);
-        // Unknown backbone: already reported; do not add a stage-count error.
-        let stages = spec.map_or(1000, |s| s.stage_names().len() as i64);
+        let (default_size, stages) = match (spec, uploaded) {
+            (Some(s), _) => (s.default_image_size, s.stage_names().len() as i64),
+            (None, Some(u)) => (u.image_size, u.stages.len() as i64),
+            // Unknown backbone: already reported; no stage-count error.
+            (None, None) => (224, 1000),
+        };
 
         let epochs = c.int("epochs", self.epochs, 5, 1, 1000);
         let config = JobConfig {
@@ -415,7 +430,7 @@ mod tests {
         body["dataset_id"] = serde_json::json!(Uuid::nil());
         serde_json::from_value::<JobRequest>(body)
             .unwrap()
-            .validate(&weights_dir())
+            .validate(&weights_dir(), None)
     }
 
     fn sample() -> JobConfig {

@@ -27,6 +27,8 @@ pub struct TrainSpec {
     pub device: Device,
     /// Where an earlier attempt stopped, if it saved an epoch.
     pub resume: Option<Resume>,
+    /// The uploaded TorchScript backbone, when the job's backbone is one.
+    pub script: Option<models::script::ScriptSpec>,
 }
 
 /// The state an earlier attempt left: its last recorded epoch (whose weights
@@ -98,6 +100,8 @@ pub struct TestMetrics {
 pub enum TrainError {
     #[error("unknown backbone {0}")]
     UnknownBackbone(String),
+    #[error("loading the TorchScript backbone: {0}")]
+    ScriptBackbone(String),
     #[error(
         "pretrained weights for {backbone} are missing at {path} (scripts/setup installs them)"
     )]
@@ -142,15 +146,14 @@ fn train_inner(
     on_event: &mut dyn FnMut(TrainEvent),
 ) -> Result<TrainSummary, TrainError> {
     let cfg = &spec.config;
-    let backbone = models::find(&cfg.backbone)
-        .ok_or_else(|| TrainError::UnknownBackbone(cfg.backbone.clone()))?;
-    let weights = backbone.weights_path(&spec.weights_dir);
-    if cfg.pretrained && !weights.exists() {
-        return Err(TrainError::MissingWeights {
-            backbone: cfg.backbone.clone(),
-            path: weights.display().to_string(),
-        });
-    }
+    // A catalogue backbone, or (when `script` is set) an uploaded one.
+    let backbone = match &spec.script {
+        Some(_) => None,
+        None => Some(
+            models::find(&cfg.backbone)
+                .ok_or_else(|| TrainError::UnknownBackbone(cfg.backbone.clone()))?,
+        ),
+    };
     let (train_x, train_y) = data::load_split(&spec.dataset_dir, data::TRAIN_FILE)?;
     let (val_x, val_y) = data::load_split(&spec.dataset_dir, data::VAL_FILE)?;
     if val_y.size()[0] == 0 {
@@ -162,8 +165,26 @@ fn train_inner(
     tch::manual_seed(cfg.seed);
     let mut vs = nn::VarStore::new(spec.device);
     let num_classes = spec.labels.len() as i64;
-    let pretrained = cfg.pretrained.then_some(weights.as_path());
-    let mut model = Classifier::new(&mut vs, backbone, num_classes, pretrained)?;
+    let (mut model, norm) = match (backbone, &spec.script) {
+        (Some(backbone), _) => {
+            let weights = backbone.weights_path(&spec.weights_dir);
+            if cfg.pretrained && !weights.exists() {
+                return Err(TrainError::MissingWeights {
+                    backbone: cfg.backbone.clone(),
+                    path: weights.display().to_string(),
+                });
+            }
+            let pretrained = cfg.pretrained.then_some(weights.as_path());
+            let model = Classifier::new(&mut vs, backbone, num_classes, pretrained)?;
+            (model, backbone.normalization)
+        }
+        (None, Some(script)) => (
+            Classifier::from_script(&vs, script, num_classes)
+                .map_err(TrainError::ScriptBackbone)?,
+            script.normalization,
+        ),
+        (None, None) => unreachable!("no script means a catalogue backbone"),
+    };
     if first_epoch > 1 {
         vs.load(epoch_checkpoint(&spec.job_dir, first_epoch - 1))?;
     }
@@ -173,7 +194,6 @@ fn train_inner(
     let mut opt = build_optimizer(cfg, &vs)?;
     let stages = model.num_stages();
     let class_weights = class_weights(cfg, &train_y, num_classes, spec.device);
-    let norm = backbone.normalization;
 
     let n_train = train_y.size()[0];
     let steps = (n_train + cfg.batch_size - 1) / cfg.batch_size;

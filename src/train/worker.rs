@@ -160,7 +160,18 @@ impl Worker {
         let dataset = datasets::get(&self.pool, job.dataset_id)
             .await?
             .context("the job's dataset no longer exists")?;
-        let backbone = models::find(&config.backbone).context("unknown backbone")?;
+        let (script, normalization) = match models::find(&config.backbone) {
+            Some(spec) => (None, spec.normalization),
+            None => {
+                let row = store::backbones::get(&self.pool, &config.backbone)
+                    .await?
+                    .context("the job's backbone no longer exists")?;
+                self.artifacts.fetch(&row.artifact_key).await?;
+                let spec = row.spec(&self.artifacts);
+                let normalization = spec.normalization;
+                (Some(spec), normalization)
+            }
+        };
         // Another host may have run earlier attempts, or ingested the data.
         let job_dir = self.artifacts.fetch(&Artifacts::job_key(job.id)).await?;
         self.artifacts.fetch(&dataset.artifact_key).await?;
@@ -177,7 +188,7 @@ impl Worker {
             labels: dataset.classes.0.clone(),
             image_size: config.image_size,
             stored_size: dataset.stored_size,
-            normalization: backbone.normalization,
+            normalization,
         };
         let spec = TrainSpec {
             labels: dataset.classes.0,
@@ -187,6 +198,7 @@ impl Worker {
             device: self.device,
             resume,
             config,
+            script,
         };
         Ok((spec, card))
     }

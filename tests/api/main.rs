@@ -14,6 +14,7 @@ mod operations;
 mod outage;
 mod pretrained;
 mod processes;
+mod script_backbones;
 mod serving;
 mod shared_store;
 mod training;

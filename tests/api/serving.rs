@@ -155,6 +155,7 @@ async fn predict_scores_equal_the_evaluation_path() {
         image_size: 64,
         stored_size: preprocess::STORED_SIZE,
         normalization: preprocess::Normalization::IMAGENET,
+        script: None,
     };
     let mut vs = tch::nn::VarStore::new(tch::Device::Cpu);
     let classifier =
