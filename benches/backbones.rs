@@ -4,7 +4,9 @@
 //! invocation, at the backbone's input size, batch 1 and 16, same threads.
 //!
 //! `cargo bench --bench backbones` (after `source scripts/env.sh`).
-//! BENCH_SECONDS (default 5) per measurement.
+//! BENCH_SECONDS (default 5) per measurement; BENCH_BACKBONES=a,b for a
+//! subset. Backbones whose weights are not installed are timed at random
+//! initialization (marked *).
 
 use std::path::Path;
 use std::process::Command;
@@ -31,23 +33,28 @@ fn main() {
         "batch 1: ours / PyTorch",
         "batch 16: ours / PyTorch"
     );
-    for spec in models::CATALOGUE {
-        if !spec.weights_path(&weights_dir).exists() {
-            println!("{:<20} | weights not installed", spec.name);
-            continue;
-        }
-        let net = serving_network(spec, &weights_dir);
+    let only: Option<Vec<String>> = std::env::var("BENCH_BACKBONES")
+        .ok()
+        .map(|list| list.split(',').map(str::to_string).collect());
+    for spec in models::CATALOGUE
+        .iter()
+        .filter(|s| only.as_ref().is_none_or(|o| o.iter().any(|n| n == s.name)))
+    {
+        // Architectures whose weights are not installed are timed at random
+        // initialization (marked *): speed does not depend on the values.
+        let weights = Some(spec.weights_path(&weights_dir)).filter(|w| w.exists());
+        let net = serving_network(spec, weights.as_deref());
         let cells: Vec<String> = [1, 16]
             .iter()
             .map(|&batch| {
                 let ours = ours(&net, spec.default_image_size, batch, seconds);
-                let theirs = reference(spec, &weights_dir, batch, seconds, threads);
+                let theirs = reference(spec, weights.as_deref(), batch, seconds, threads);
                 format!("{ours:>6.1} / {theirs:>6.1} = {:>4.2}x", ours / theirs)
             })
             .collect();
         println!(
             "{:<20} | {:>5} | {:>10} | {:>5.1}% | {:>22} | {:>22}",
-            spec.name,
+            format!("{}{}", spec.name, if weights.is_some() { "" } else { "*" }),
             spec.default_image_size,
             spec.parameters,
             spec.imagenet_top1,
@@ -58,10 +65,10 @@ fn main() {
 }
 
 /// The folded network of a checkpoint with the backbone's ImageNet weights
-/// and a new 10-class head.
-fn serving_network(spec: &BackboneSpec, weights_dir: &Path) -> folded::FoldedNet {
+/// (or random ones) and a new 10-class head.
+fn serving_network(spec: &BackboneSpec, weights: Option<&Path>) -> folded::FoldedNet {
     let mut vs = nn::VarStore::new(Device::Cpu);
-    Classifier::new(&mut vs, spec, 10, Some(&spec.weights_path(weights_dir))).unwrap();
+    Classifier::new(&mut vs, spec, 10, weights).unwrap();
     let vars = folded::Variables(
         vs.variables()
             .into_iter()
@@ -89,7 +96,7 @@ fn ours(net: &folded::FoldedNet, size: i64, batch: i64, seconds: f64) -> f64 {
 
 fn reference(
     spec: &BackboneSpec,
-    weights_dir: &Path,
+    weights: Option<&Path>,
     batch: i64,
     seconds: f64,
     threads: usize,
@@ -101,7 +108,7 @@ fn reference(
     let out = Command::new(models::verify::default_python())
         .arg(script)
         .arg(spec.name)
-        .arg(spec.weights_path(weights_dir))
+        .arg(weights.map_or("random".into(), |w| w.display().to_string()))
         .arg(spec.default_image_size.to_string())
         .arg(batch.to_string())
         .arg(seconds.to_string())

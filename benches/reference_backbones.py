@@ -1,6 +1,8 @@
 """PyTorch eager inference speed of a backbone's reference implementation
 (the one `finetuned weights verify` compares against), for
-`cargo bench --bench backbones`: ImageNet weights, eval mode, no_grad.
+`cargo bench --bench backbones`: ImageNet weights (or, with WEIGHTS
+`random`, the architecture at random initialization: speed does not depend
+on the values), eval mode, no_grad.
 
 usage: reference_backbones.py NAME WEIGHTS SIZE BATCH SECONDS THREADS
 Prints images/s."""
@@ -18,7 +20,8 @@ from reference_logits import reference  # noqa: E402
 def main(name, weights, size, batch, seconds, threads):
     torch.set_num_threads(int(threads))
     model = reference(name)
-    model.load_state_dict(load_file(weights), strict=False)
+    if weights != "random":
+        model.load_state_dict(load_file(weights), strict=False)
     model.eval()
     x = torch.rand(int(batch), 3, int(size), int(size))
     with torch.no_grad():

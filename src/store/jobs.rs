@@ -338,14 +338,17 @@ pub async fn cancel_requested(pool: &PgPool, id: Uuid) -> sqlx::Result<bool> {
         .await
 }
 
-pub async fn set_run_cached_features(
+/// What the run found when training started.
+pub async fn set_run_started(
     pool: &PgPool,
     run_id: Uuid,
     cached: bool,
+    precision: &str,
 ) -> sqlx::Result<()> {
-    sqlx::query("UPDATE runs SET cached_features = $2 WHERE id = $1")
+    sqlx::query("UPDATE runs SET cached_features = $2, precision = $3 WHERE id = $1")
         .bind(run_id)
         .bind(cached)
+        .bind(precision)
         .execute(pool)
         .await?;
     Ok(())
@@ -364,12 +367,14 @@ pub struct RunRow {
     pub error: Option<String>,
     pub resumed_from_epoch: Option<i32>,
     pub cached_features: Option<bool>,
+    /// `fp32`, or `bf16-autocast` on a CUDA device.
+    pub precision: Option<String>,
 }
 
 pub async fn runs(pool: &PgPool, job_id: Uuid) -> sqlx::Result<Vec<RunRow>> {
     sqlx::query_as(
         "SELECT id, attempt, worker, device, started_at, finished_at, outcome, error,
-             resumed_from_epoch, cached_features
+             resumed_from_epoch, cached_features, precision
          FROM runs WHERE job_id = $1 ORDER BY started_at",
     )
     .bind(job_id)

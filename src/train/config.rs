@@ -41,6 +41,7 @@ pub struct JobRequest {
     pub class_weights: Option<String>,
     pub augmentation: Option<Augmentation>,
     pub cache_features: Option<bool>,
+    pub mixed_precision: Option<bool>,
     pub early_stopping_patience: Option<i64>,
     pub selection_metric: Option<String>,
     pub priority: Option<i32>,
@@ -144,6 +145,10 @@ pub struct JobConfig {
     /// With a backbone frozen for the whole run and only flips (or no)
     /// augmentation, compute its features once and train the head on them.
     pub cache_features: bool,
+    /// On CUDA devices that support it, bf16 autocast in the training
+    /// steps (the CPU always trains in fp32).
+    #[serde(default = "yes")]
+    pub mixed_precision: bool,
     pub early_stopping_patience: Option<i64>,
     pub selection_metric: SelectionMetric,
 }
@@ -337,6 +342,7 @@ impl JobRequest {
             ),
             augmentation: self.augmentation.unwrap_or_default(),
             cache_features: self.cache_features.unwrap_or(true),
+            mixed_precision: self.mixed_precision.unwrap_or(true),
             early_stopping_patience: self
                 .early_stopping_patience
                 .map(|p| c.int("early_stopping_patience", Some(p), p, 1, 1000)),

@@ -4,6 +4,7 @@
 pub mod augment;
 pub mod config;
 pub mod metrics;
+pub mod precision;
 pub mod trainer;
 pub mod worker;
 

@@ -12,6 +12,7 @@ use tch::{Device, Kind, Reduction, Tensor};
 use super::augment::View;
 use super::config::{ClassWeights, Freeze, JobConfig, Optimizer};
 use super::metrics::{macro_f1, Confusion};
+use super::precision::Precision;
 use crate::data::{self, preprocess};
 use crate::models::{self, Classifier};
 use crate::store::metrics::EpochMetrics;
@@ -50,8 +51,12 @@ pub fn epoch_checkpoint(job_dir: &Path, epoch: i64) -> PathBuf {
 }
 
 pub enum TrainEvent {
-    /// Training is about to start; whether it trains on cached features.
-    Started { cached_features: bool },
+    /// Training is about to start: whether it trains on cached features,
+    /// and in which precision.
+    Started {
+        cached_features: bool,
+        precision: Precision,
+    },
     /// Within an epoch: `step` of `steps` batches done (sent at most every
     /// [`PROGRESS_INTERVAL`]).
     Progress {
@@ -200,8 +205,10 @@ fn train_inner(
     let cache_started = Instant::now();
     model.set_frozen_stages(&vs, cfg.frozen_stages(first_epoch, stages));
     let cache = FeatureCache::build(&model, cfg, &train_x, &val_x, spec.device, &norm, layout);
+    let precision = Precision::choose(spec.device, cfg.mixed_precision);
     on_event(TrainEvent::Started {
         cached_features: cache.is_some(),
+        precision,
     });
     // The one-off cost of the cache is part of the first epoch's time.
     let mut extra_seconds = cache_started.elapsed().as_secs_f64();
@@ -231,7 +238,7 @@ fn train_inner(
 
             let idx = order.narrow(0, start, len);
             let ys = train_y.index_select(0, &idx).to_device(spec.device);
-            let logits = match &cache {
+            let logits = precision.forward(|| match &cache {
                 Some(cache) => model.head_t(&cache.train_batch(&idx), true),
                 None => {
                     let xs = train_x.index_select(0, &idx).to_device(spec.device);
@@ -239,7 +246,7 @@ fn train_inner(
                         preprocess::normalize(&cfg.augmentation.apply(&xs, cfg.image_size), &norm);
                     model.forward_t(&layout.input(&input), true)
                 }
-            };
+            });
             let loss = logits.cross_entropy_loss(
                 &ys,
                 class_weights.as_ref(),

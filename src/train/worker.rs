@@ -291,9 +291,12 @@ impl Worker {
         event: TrainEvent,
     ) -> Result<(), RunError> {
         let stored = match event {
-            TrainEvent::Started { cached_features } => {
+            TrainEvent::Started {
+                cached_features,
+                precision,
+            } => {
                 store::retry(DB_PATIENCE, || {
-                    jobs::set_run_cached_features(&self.pool, run_id, cached_features)
+                    jobs::set_run_started(&self.pool, run_id, cached_features, precision.name())
                 })
                 .await
             }

@@ -205,6 +205,8 @@ async fn cached_features_train_the_same_model_as_the_full_forward_pass() {
         assert_eq!(ran_status(outcome), "succeeded");
         let view = app.get(&format!("/jobs/{job}")).await.json;
         assert_eq!(view["runs"][0]["cached_features"], cache, "{view:?}");
+        // Mixed precision is on by default, but only for CUDA devices.
+        assert_eq!(view["runs"][0]["precision"], "fp32", "{view:?}");
         let rows = app.get(&format!("/jobs/{job}/metrics")).await.json["epochs"].clone();
         histories.push(rows.as_array().unwrap().clone());
     }
