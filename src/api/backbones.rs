@@ -167,8 +167,9 @@ impl UploadForm {
     }
 }
 
+/// A fresh key per upload, so that concurrent uploads never share a file.
 fn artifact_key(name: &str) -> String {
-    format!("backbones/{name}.pt")
+    format!("backbones/{name}-{}.pt", uuid::Uuid::new_v4().simple())
 }
 
 pub async fn create(
@@ -183,6 +184,67 @@ pub async fn create(
     ApiError,
 > {
     let upload = RemoveOnDrop(state.artifacts.temp_file(".pt"));
+    let form = read_form(&state, request, &upload.0).await?;
+    let name = form.name.clone().unwrap_or_default();
+    if models::find(&name).is_some() || store::get(&state.pool, &name).await?.is_some() {
+        return Err(taken(&name));
+    }
+    // Written under tmp/ (swept after a crash), then moved into place.
+    let stored = RemoveOnDrop(state.artifacts.temp_file(".pt"));
+    let (source, target, size, output) = (
+        upload.0.clone(),
+        stored.0.clone(),
+        form.image_size,
+        form.output,
+    );
+    let inspected = tokio::task::spawn_blocking(move || {
+        let found = script::inspect(&source, &target, size, output)?;
+        Ok::<_, String>((found, sha256_file(&target)))
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.into()))?;
+    let (found, digest) = inspected.map_err(|reason| {
+        ApiError::invalid(
+            "the TorchScript module cannot be used as a backbone",
+            vec![FieldError::new("file", reason)],
+        )
+    })?;
+    let row = ScriptBackboneRow {
+        name: name.clone(),
+        image_size: form.image_size as i32,
+        normalization: SqlJson(Normalization {
+            mean: form.mean,
+            std: form.std,
+        }),
+        feature_dim: found.feature_dim as i32,
+        parameters: found.parameters,
+        stages: SqlJson(found.stages),
+        removed_layer: found.removed_layer,
+        source_file: form.filename,
+        bytes: form.file_bytes.unwrap_or_default() as i64,
+        sha256: digest.map_err(internal)?,
+        artifact_key: artifact_key(&name),
+        created_at: Utc::now(),
+    };
+    let row = place(&state, stored, row).await?;
+    tracing::info!(backbone = %row.name, feature_dim = row.feature_dim, "TorchScript backbone registered");
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, format!("/backbones/{name}"))],
+        Json(BackboneView::uploaded(&row)),
+    ))
+}
+
+fn taken(name: &str) -> ApiError {
+    ApiError::Conflict(format!("a backbone named {name} already exists"))
+}
+
+/// Reads the multipart form, streaming the module to `upload`.
+async fn read_form(
+    state: &AppState,
+    request: Request,
+    upload: &FsPath,
+) -> Result<UploadForm, ApiError> {
     let mut form = UploadForm {
         name: None,
         image_size: 224,
@@ -193,7 +255,7 @@ pub async fn create(
         file_bytes: None,
     };
     let mut errors = Vec::new();
-    let mut multipart = Multipart::from_request(request, &state)
+    let mut multipart = Multipart::from_request(request, state)
         .await
         .map_err(ApiError::from)?;
     while let Some(mut field) = multipart.next_field().await? {
@@ -202,7 +264,7 @@ pub async fn create(
             form.filename = field.file_name().map(str::to_string);
             let chunks = (&mut field).map(|chunk| chunk.map_err(ApiError::from));
             let limit = state.limits.max_upload_bytes;
-            form.file_bytes = Some(write_upload(&upload.0, chunks, limit).await?);
+            form.file_bytes = Some(write_upload(upload, chunks, limit).await?);
         } else {
             let value = field.text().await?;
             form.set(&field_name, &value, &mut errors);
@@ -217,82 +279,45 @@ pub async fn create(
     if form.name.is_none() && !errors.iter().any(|e| e.path == "name") {
         errors.push(FieldError::new("name", "missing: the name jobs will use"));
     }
-    if !errors.is_empty() {
-        return Err(ApiError::invalid("the backbone upload is invalid", errors));
+    if errors.is_empty() {
+        Ok(form)
+    } else {
+        Err(ApiError::invalid("the backbone upload is invalid", errors))
     }
-    let name = form.name.clone().unwrap_or_default();
-    if models::find(&name).is_some() || store::get(&state.pool, &name).await?.is_some() {
-        return Err(ApiError::Conflict(format!(
-            "a backbone named {name} already exists"
-        )));
-    }
+}
 
-    let key = artifact_key(&name);
-    let stored = RemoveOnDrop(state.artifacts.path(&key).with_extension("partial.pt"));
-    if let Some(dir) = stored.0.parent() {
+/// Moves the checked module under its key, publishes it and records the
+/// row; on any failure nothing stays behind.
+async fn place(
+    state: &AppState,
+    stored: RemoveOnDrop,
+    row: ScriptBackboneRow,
+) -> Result<ScriptBackboneRow, ApiError> {
+    let path = state.artifacts.path(&row.artifact_key);
+    if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(internal)?;
     }
-    let (source, target, size, output) = (
-        upload.0.clone(),
-        stored.0.clone(),
-        form.image_size,
-        form.output,
-    );
-    let inspected = tokio::task::spawn_blocking(move || {
-        script::inspect(&source, &target, size, output).map(|found| {
-            let digest = sha256_file(&target);
-            (found, digest)
-        })
-    })
-    .await
-    .map_err(|e| ApiError::Internal(e.into()))?;
-    let (found, digest) = inspected.map_err(|reason| {
-        ApiError::invalid(
-            "the TorchScript module cannot be used as a backbone",
-            vec![FieldError::new("file", reason)],
-        )
-    })?;
-    let digest = digest.map_err(internal)?;
-    std::fs::rename(&stored.0, state.artifacts.path(&key)).map_err(internal)?;
+    std::fs::rename(&stored.0, &path).map_err(internal)?;
     stored.keep();
-    let placed = RemoveOnDrop(state.artifacts.path(&key));
+    let placed = RemoveOnDrop(path);
     state
         .artifacts
-        .publish(&key)
+        .publish(&row.artifact_key)
         .await
         .map_err(|e| ApiError::Internal(e.into()))?;
-    let row = ScriptBackboneRow {
-        name: name.clone(),
-        image_size: form.image_size as i32,
-        normalization: SqlJson(Normalization {
-            mean: form.mean,
-            std: form.std,
-        }),
-        feature_dim: found.feature_dim as i32,
-        parameters: found.parameters,
-        stages: SqlJson(found.stages),
-        removed_layer: found.removed_layer,
-        source_file: form.filename,
-        bytes: form.file_bytes.unwrap_or_default() as i64,
-        sha256: digest,
-        artifact_key: key,
-        created_at: Utc::now(),
-    };
-    let row = store::insert(&state.pool, &row)
-        .await
-        .map_err(|err| match err {
-            sqlx::Error::Database(db) if db.is_unique_violation() => {
-                ApiError::Conflict(format!("a backbone named {name} already exists"))
-            }
-            other => other.into(),
-        })?;
-    placed.keep();
-    tracing::info!(backbone = %row.name, feature_dim = row.feature_dim, "TorchScript backbone registered");
-    Ok((
-        StatusCode::CREATED,
-        [(header::LOCATION, format!("/backbones/{name}"))],
-        Json(BackboneView::uploaded(&row)),
-    ))
+    match store::insert(&state.pool, &row).await {
+        Ok(row) => {
+            placed.keep();
+            Ok(row)
+        }
+        Err(err) => {
+            let _ = state.artifacts.unpublish(&row.artifact_key).await;
+            Err(match err {
+                sqlx::Error::Database(db) if db.is_unique_violation() => taken(&row.name),
+                other => other.into(),
+            })
+        }
+    }
 }
 
 fn sha256_file(path: &FsPath) -> std::io::Result<String> {

@@ -43,12 +43,15 @@ impl Activation {
         }
     }
 
-    fn apply(self, x: Tensor) -> Tensor {
+    /// Applies the activation in place: `x` is always a fresh output here
+    /// (serving runs without gradients), and at large batches the saved
+    /// allocation and pass over memory count.
+    fn apply(self, mut x: Tensor) -> Tensor {
         match self {
             Activation::None => x,
-            Activation::Relu => x.relu(),
-            Activation::Relu6 => x.relu6(),
-            Activation::Silu => x.silu(),
+            Activation::Relu => x.relu_(),
+            Activation::Relu6 => x.relu6_(),
+            Activation::Silu => x.silu_(),
         }
     }
 }
@@ -151,12 +154,13 @@ impl SqueezeExcite {
         })
     }
 
-    pub fn forward(&self, x: &Tensor) -> Tensor {
+    /// Scales `x` (a fresh activation) in place.
+    pub fn forward(&self, mut x: Tensor) -> Tensor {
         let squeezed = x.mean_dim(Some([2i64, 3].as_slice()), true, x.kind());
         let conv =
             |x: &Tensor, (w, b): &(Tensor, Tensor)| x.conv2d(w, Some(b), [1, 1], [0, 0], [1, 1], 1);
         let scale = conv(&conv(&squeezed, &self.fc1).silu(), &self.fc2).sigmoid();
-        x * scale
+        x.g_mul_(&scale)
     }
 
     fn tensors(&self) -> [&Tensor; 4] {
@@ -194,18 +198,20 @@ impl FoldedBlock {
 
     fn forward(&self, x: &Tensor) -> Tensor {
         let last = self.convs.len() - 1;
-        let y = self
+        let mut y = self
             .convs
             .iter()
             .enumerate()
             .fold(x.shallow_clone(), |y, (i, c)| match &self.squeeze_excite {
-                Some(se) if i == last => c.forward(&se.forward(&y)),
+                // In place: the last conv always follows another, so `y`
+                // is that one's fresh output, never the block's input.
+                Some(se) if i == last => c.forward(&se.forward(y)),
                 _ => c.forward(&y),
             });
         let y = match &self.shortcut {
             Shortcut::None => y,
-            Shortcut::Identity => y + x,
-            Shortcut::Conv(conv) => y + conv.forward(x),
+            Shortcut::Identity => y.g_add_(x),
+            Shortcut::Conv(conv) => y.g_add_(&conv.forward(x)),
         };
         let y = self.after.apply(y);
         if self.max_pool {

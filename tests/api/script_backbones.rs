@@ -94,11 +94,13 @@ async fn a_torchscript_backbone_is_uploaded_trained_with_frozen_stages_served_an
         .await;
     taken.assert_problem(StatusCode::CONFLICT);
     assert_eq!(app.count("script_backbones").await, 0);
-    assert!(
-        app.files_under("backbones").is_empty(),
-        "{:?}",
-        app.files_under("backbones")
-    );
+    for dir in ["backbones", "tmp"] {
+        assert!(
+            app.files_under(dir).is_empty(),
+            "{:?}",
+            app.files_under(dir)
+        );
+    }
 
     let created = app
         .post_multipart(
@@ -133,7 +135,12 @@ async fn a_torchscript_backbone_is_uploaded_trained_with_frozen_stages_served_an
     assert_eq!(entry["uploaded"], true);
 
     // `features` is forward without fc: forward = fc(features), exactly.
-    let stored = tch::CModule::load(app.artifacts.path("backbones/my-resnet.pt")).unwrap();
+    let key: String =
+        sqlx::query_scalar("SELECT artifact_key FROM script_backbones WHERE name = 'my-resnet'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    let stored = tch::CModule::load(app.artifacts.path(&key)).unwrap();
     let x = Tensor::rand([2, 3, 64, 64], (Kind::Float, tch::Device::Cpu));
     let params: std::collections::HashMap<String, Tensor> =
         stored.named_parameters().unwrap().into_iter().collect();
