@@ -3,16 +3,15 @@
 
 use std::path::Path as FsPath;
 
-use axum::extract::{FromRequest, Multipart, Path, Request, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{header, StatusCode};
 use axum::Json;
 use chrono::Utc;
-use futures_util::StreamExt;
 use serde::Serialize;
 use sqlx::types::Json as SqlJson;
 
-use super::datasets::{internal, write_upload, RemoveOnDrop};
-use super::AppState;
+use super::upload::{internal, read_multipart, RemoveOnDrop};
+use super::{AppState, Created};
 use crate::data::preprocess::Normalization;
 use crate::error::{ApiError, FieldError};
 use crate::models::script::{self, Output};
@@ -175,14 +174,7 @@ fn artifact_key(name: &str) -> String {
 pub async fn create(
     State(state): State<AppState>,
     request: Request,
-) -> Result<
-    (
-        StatusCode,
-        [(header::HeaderName, String); 1],
-        Json<BackboneView>,
-    ),
-    ApiError,
-> {
+) -> Result<Created<BackboneView>, ApiError> {
     let upload = RemoveOnDrop(state.artifacts.temp_file(".pt"));
     let form = read_form(&state, request, &upload.0).await?;
     let name = form.name.clone().unwrap_or_default();
@@ -255,20 +247,14 @@ async fn read_form(
         file_bytes: None,
     };
     let mut errors = Vec::new();
-    let mut multipart = Multipart::from_request(request, state)
-        .await
-        .map_err(ApiError::from)?;
-    while let Some(mut field) = multipart.next_field().await? {
-        let field_name = field.name().unwrap_or_default().to_string();
-        if field_name == "file" {
-            form.filename = field.file_name().map(str::to_string);
-            let chunks = (&mut field).map(|chunk| chunk.map_err(ApiError::from));
-            let limit = state.limits.max_upload_bytes;
-            form.file_bytes = Some(write_upload(upload, chunks, limit).await?);
-        } else {
-            let value = field.text().await?;
-            form.set(&field_name, &value, &mut errors);
-        }
+    let limit = state.limits.max_upload_bytes;
+    let file = read_multipart(request, state, upload, limit, |field, value| {
+        form.set(field, value, &mut errors)
+    })
+    .await?;
+    if let Some(file) = file {
+        form.filename = file.filename;
+        form.file_bytes = Some(file.bytes);
     }
     if form.file_bytes.is_none() {
         errors.push(FieldError::new(

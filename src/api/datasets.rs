@@ -1,19 +1,19 @@
 //! `POST /datasets` (archive upload), `GET /datasets`, `GET /datasets/{id}`,
 //! `GET /datasets/{id}/samples`, `DELETE /datasets/{id}`.
 
-use std::path::{Path as FsPath, PathBuf};
+use std::path::Path as FsPath;
 
-use axum::extract::{FromRequest, Multipart, Path, Request, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{header, StatusCode};
 use axum::Json;
 use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::json;
-use tokio::io::AsyncWriteExt;
 use uuid::Uuid;
 
 use super::extract::ApiQuery;
-use super::{parse_id, AppState};
+use super::upload::{read_multipart, remove_path, write_upload, RemoveOnDrop};
+use super::{parse_id, AppState, Created};
 use crate::artifacts::Artifacts;
 use crate::data::{self, preprocess, stored, DataError, IngestOptions, Progress};
 use crate::error::{ApiError, FieldError};
@@ -118,44 +118,11 @@ impl UploadForm {
     }
 }
 
-/// Streams chunks into a new file at `path`, refusing more than `limit`
-/// bytes. Returns the bytes written.
-pub(super) async fn write_upload(
-    path: &FsPath,
-    mut chunks: impl futures_util::Stream<Item = Result<axum::body::Bytes, ApiError>> + Unpin,
-    limit: usize,
-) -> Result<u64, ApiError> {
-    // Created here, not on a blocking thread: a request dropped mid-create
-    // would leave the file after its guard ran.
-    let file = std::fs::File::create(path).map_err(internal)?;
-    let mut file = tokio::fs::File::from_std(file);
-    let mut written = 0u64;
-    while let Some(chunk) = chunks.next().await {
-        let chunk = chunk?;
-        written += chunk.len() as u64;
-        if written > limit as u64 {
-            return Err(ApiError::PayloadTooLarge(format!(
-                "the upload is larger than the {limit}-byte limit"
-            )));
-        }
-        file.write_all(&chunk).await.map_err(internal)?;
-    }
-    file.flush().await.map_err(internal)?;
-    Ok(written)
-}
-
 pub async fn create(
     State(state): State<AppState>,
     ApiQuery(params): ApiQuery<UploadParams>,
     request: Request,
-) -> Result<
-    (
-        StatusCode,
-        [(header::HeaderName, String); 1],
-        Json<DatasetRow>,
-    ),
-    ApiError,
-> {
+) -> Result<Created<DatasetRow>, ApiError> {
     let upload = RemoveOnDrop(state.artifacts.temp_file(".upload"));
     let mut form = UploadForm {
         name: None,
@@ -189,19 +156,13 @@ pub async fn create(
         .to_ascii_lowercase();
     let limit = state.limits.max_upload_bytes;
     if content_type == "multipart/form-data" {
-        let mut multipart = Multipart::from_request(request, &state)
-            .await
-            .map_err(ApiError::from)?;
-        while let Some(mut field) = multipart.next_field().await? {
-            let field_name = field.name().unwrap_or_default().to_string();
-            if field_name == "file" {
-                form.filename = field.file_name().map(str::to_string);
-                let chunks = (&mut field).map(|chunk| chunk.map_err(ApiError::from));
-                form.archive_bytes = Some(write_upload(&upload.0, chunks, limit).await?);
-            } else {
-                let value = field.text().await?;
-                form.set(&field_name, &value, &mut errors);
-            }
+        let file = read_multipart(request, &state, &upload.0, limit, |field, value| {
+            form.set(field, value, &mut errors)
+        })
+        .await?;
+        if let Some(file) = file {
+            form.filename = file.filename;
+            form.archive_bytes = Some(file.bytes);
         }
     } else if ARCHIVE_TYPES.contains(&content_type.as_str()) {
         let chunks = request.into_body().into_data_stream().map(|chunk| {
@@ -558,34 +519,4 @@ fn archive_stem(filename: &str) -> &str {
         .iter()
         .find_map(|ext| filename.strip_suffix(ext))
         .unwrap_or(filename)
-}
-
-pub(super) fn internal(err: std::io::Error) -> ApiError {
-    ApiError::Internal(err.into())
-}
-
-/// Removes a file or directory when dropped, unless kept: a failed or
-/// abandoned upload leaves nothing behind.
-pub(super) struct RemoveOnDrop(pub PathBuf);
-
-impl RemoveOnDrop {
-    pub(super) fn keep(mut self) {
-        self.0 = PathBuf::new();
-    }
-}
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        if !self.0.as_os_str().is_empty() {
-            remove_path(&self.0);
-        }
-    }
-}
-
-fn remove_path(path: &FsPath) {
-    let _ = if path.is_dir() {
-        std::fs::remove_dir_all(path)
-    } else {
-        std::fs::remove_file(path)
-    };
 }

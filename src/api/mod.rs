@@ -9,6 +9,7 @@ mod jobs;
 mod limits;
 mod models;
 mod predict;
+mod upload;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -173,6 +174,13 @@ async fn wrong_method(method: Method, uri: Uri) -> ApiError {
 }
 
 /// Parses a resource id from the path; anything else names no resource.
+/// A `201 Created` answer: its `Location` header and the new resource.
+type Created<T> = (
+    axum::http::StatusCode,
+    [(axum::http::header::HeaderName, String); 1],
+    axum::Json<T>,
+);
+
 fn parse_id(raw: &str, what: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(raw).map_err(|_| ApiError::NotFound(format!("no {what} with id {raw:?}")))
 }

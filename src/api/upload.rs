@@ -1,0 +1,101 @@
+//! Pieces every upload shares: streaming a body part to a file with a size
+//! limit, reading a multipart form, and removing what a failed upload left.
+
+use std::path::{Path as FsPath, PathBuf};
+
+use axum::extract::{FromRequest, Multipart, Request};
+use futures_util::StreamExt;
+use tokio::io::AsyncWriteExt;
+
+use super::AppState;
+use crate::error::ApiError;
+
+/// Streams chunks into a new file at `path`, refusing more than `limit`
+/// bytes. Returns the bytes written.
+pub async fn write_upload(
+    path: &FsPath,
+    mut chunks: impl futures_util::Stream<Item = Result<axum::body::Bytes, ApiError>> + Unpin,
+    limit: usize,
+) -> Result<u64, ApiError> {
+    // Created here, not on a blocking thread: a request dropped mid-create
+    // would leave the file after its guard ran.
+    let file = std::fs::File::create(path).map_err(internal)?;
+    let mut file = tokio::fs::File::from_std(file);
+    let mut written = 0u64;
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk?;
+        written += chunk.len() as u64;
+        if written > limit as u64 {
+            return Err(ApiError::PayloadTooLarge(format!(
+                "the upload is larger than the {limit}-byte limit"
+            )));
+        }
+        file.write_all(&chunk).await.map_err(internal)?;
+    }
+    file.flush().await.map_err(internal)?;
+    Ok(written)
+}
+
+/// The `file` part of a multipart upload.
+pub struct UploadedFile {
+    pub filename: Option<String>,
+    pub bytes: u64,
+}
+
+/// Reads a multipart form: the `file` part is streamed to `path` (at most
+/// `limit` bytes), every other part's text goes to `on_field(name, value)`.
+pub async fn read_multipart(
+    request: Request,
+    state: &AppState,
+    path: &FsPath,
+    limit: usize,
+    mut on_field: impl FnMut(&str, &str),
+) -> Result<Option<UploadedFile>, ApiError> {
+    let mut multipart = Multipart::from_request(request, state)
+        .await
+        .map_err(ApiError::from)?;
+    let mut file = None;
+    while let Some(mut field) = multipart.next_field().await? {
+        let name = field.name().unwrap_or_default().to_string();
+        if name == "file" {
+            let filename = field.file_name().map(str::to_string);
+            let chunks = (&mut field).map(|chunk| chunk.map_err(ApiError::from));
+            let bytes = write_upload(path, chunks, limit).await?;
+            file = Some(UploadedFile { filename, bytes });
+        } else {
+            let value = field.text().await?;
+            on_field(&name, &value);
+        }
+    }
+    Ok(file)
+}
+
+pub fn internal(err: std::io::Error) -> ApiError {
+    ApiError::Internal(err.into())
+}
+
+/// Removes a file or directory when dropped, unless kept: a failed or
+/// abandoned upload leaves nothing behind.
+pub struct RemoveOnDrop(pub PathBuf);
+
+impl RemoveOnDrop {
+    pub fn keep(mut self) {
+        self.0 = PathBuf::new();
+    }
+}
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if !self.0.as_os_str().is_empty() {
+            remove_path(&self.0);
+        }
+    }
+}
+
+pub fn remove_path(path: &FsPath) {
+    let _ = if path.is_dir() {
+        std::fs::remove_dir_all(path)
+    } else {
+        std::fs::remove_file(path)
+    };
+}
