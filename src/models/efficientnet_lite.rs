@@ -339,12 +339,7 @@ pub fn folded(vars: &Variables, variant: Variant) -> Result<FoldedNet, String> {
         vec![conv("_conv_head", "_bn1", 1, 1, true)?],
         false,
     ));
-    let (head_weight, head_bias) = vars.head()?;
-    Ok(FoldedNet {
-        blocks,
-        head_weight,
-        head_bias,
-    })
+    FoldedNet::new(blocks, vars)
 }
 
 #[cfg(test)]

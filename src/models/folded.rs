@@ -238,6 +238,16 @@ pub struct FoldedNet {
 }
 
 impl FoldedNet {
+    /// The folded blocks under the checkpoint's new head.
+    pub fn new(blocks: Vec<FoldedBlock>, vars: &Variables) -> Result<Self, String> {
+        let (head_weight, head_bias) = vars.head()?;
+        Ok(Self {
+            blocks,
+            head_weight,
+            head_bias,
+        })
+    }
+
     /// Memory taken by the network's tensors.
     pub fn bytes(&self) -> usize {
         let size = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();

@@ -198,10 +198,5 @@ pub fn folded(vars: &Variables) -> Result<FoldedNet, String> {
         TORCH_BN_EPS,
         Padding::Symmetric,
     )?));
-    let (head_weight, head_bias) = vars.head()?;
-    Ok(FoldedNet {
-        blocks,
-        head_weight,
-        head_bias,
-    })
+    FoldedNet::new(blocks, vars)
 }

@@ -245,10 +245,5 @@ pub fn folded(vars: &Variables, variant: Variant) -> Result<FoldedNet, String> {
             });
         }
     }
-    let (head_weight, head_bias) = vars.head()?;
-    Ok(FoldedNet {
-        blocks,
-        head_weight,
-        head_bias,
-    })
+    FoldedNet::new(blocks, vars)
 }
