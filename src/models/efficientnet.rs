@@ -45,8 +45,8 @@ pub const B7: Variant = variant(2.0, 3.1, true);
 const STOCHASTIC_DEPTH: f64 = 0.2;
 
 /// (expansion, kernel, first stride, input, output, repeats) per stage, at
-/// width and depth 1.
-const STAGES: [(i64, i64, i64, i64, i64, i64); 7] = [
+/// width and depth 1: the EfficientNet-B0 table, which Lite shares.
+pub const STAGES: [(i64, i64, i64, i64, i64, i64); 7] = [
     (1, 3, 1, 32, 16, 1),
     (6, 3, 2, 16, 24, 2),
     (6, 5, 2, 24, 40, 2),

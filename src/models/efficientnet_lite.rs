@@ -7,6 +7,7 @@
 use tch::nn::{self, ModuleT};
 use tch::Tensor;
 
+use super::efficientnet::STAGES;
 use super::folded::{Activation, FoldedBlock, FoldedConv, FoldedNet, Padding, Variables};
 use super::Stage;
 
@@ -35,18 +36,6 @@ pub const LITE2: Variant = Variant {
     width: 1.1,
     depth: 1.2,
 };
-
-/// (repeats, kernel, first stride, expansion, input, output) per group, at
-/// width and depth 1.
-const GROUPS: [(i64, i64, i64, i64, i64, i64); 7] = [
-    (1, 3, 1, 1, 32, 16),
-    (2, 3, 2, 6, 16, 24),
-    (2, 5, 2, 6, 24, 40),
-    (3, 3, 2, 6, 40, 80),
-    (3, 5, 1, 6, 80, 112),
-    (4, 5, 2, 6, 112, 192),
-    (1, 3, 1, 6, 192, 320),
-];
 
 /// One inverted-residual block's shape.
 #[derive(Debug, Clone, Copy)]
@@ -78,11 +67,11 @@ fn round_filters(filters: i64, width: f64) -> i64 {
 /// The blocks of each group. The first and last groups keep their repeats
 /// and the first takes the fixed stem's 32 channels (Lite fixes stem and head).
 fn groups(variant: Variant) -> Vec<Vec<Block>> {
-    let last = GROUPS.len() - 1;
-    GROUPS
+    let last = STAGES.len() - 1;
+    STAGES
         .iter()
         .enumerate()
-        .map(|(i, &(repeats, kernel, stride, expansion, c_in, c_out))| {
+        .map(|(i, &(expansion, kernel, stride, c_in, c_out, repeats))| {
             let fixed = i == 0 || i == last;
             let repeats = if fixed {
                 repeats
@@ -269,7 +258,7 @@ pub fn stages(root: &nn::Path, variant: Variant) -> Vec<Stage> {
         }
         stages.push(Stage::new(&format!("block{}", g + 1), prefixes, layers));
     }
-    let head = root.set_group(GROUPS.len() + 1);
+    let head = root.set_group(STAGES.len() + 1);
     stages.push(Stage::new(
         "head_conv",
         vec!["_conv_head".into(), "_bn1".into()],
