@@ -11,7 +11,6 @@ use uuid::Uuid;
 use super::extract::ApiJson;
 use super::{parse_id, AppState};
 use crate::error::{ApiError, FieldError};
-use crate::models;
 use crate::store::jobs::{self as store, JobRow, NewJob, RunRow};
 use crate::store::metrics::{self, EpochMetrics};
 use crate::store::{backbones, datasets};
@@ -109,10 +108,10 @@ pub async fn create(
         None => None,
     };
     let uploaded = match request.backbone.as_deref() {
-        Some(name) if models::find(name).is_none() => backbones::get(&state.pool, name)
+        Some(name) => backbones::uploaded(&state.pool, name)
             .await?
             .map(|row| row.spec(&state.artifacts)),
-        _ => None,
+        None => None,
     };
     let job = request
         .validate(&state.weights_dir, uploaded.as_ref())

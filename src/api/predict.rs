@@ -269,16 +269,7 @@ pub(super) async fn model_spec(state: &AppState, model: &ModelRow) -> Result<Mod
         .map_err(|e| ApiError::Internal(e.into()))?;
     let mut spec =
         ModelSpec::of(model, &state.artifacts).map_err(|e| ApiError::Internal(e.into()))?;
-    if crate::models::find(&model.backbone).is_none() {
-        let backbone = crate::store::backbones::get(&state.pool, &model.backbone)
-            .await?
-            .ok_or_else(|| {
-                ApiError::Internal(anyhow::anyhow!(
-                    "model {} needs backbone {}, which is gone",
-                    model.id,
-                    model.backbone
-                ))
-            })?;
+    if let Some(backbone) = crate::store::backbones::uploaded(&state.pool, &model.backbone).await? {
         state
             .artifacts
             .fetch(&backbone.artifact_key)

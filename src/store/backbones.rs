@@ -69,6 +69,15 @@ pub async fn get(pool: &PgPool, name: &str) -> sqlx::Result<Option<ScriptBackbon
         .await
 }
 
+/// The uploaded backbone a job or model names; `None` for catalogue names
+/// (which uploads cannot take) and unknown ones.
+pub async fn uploaded(pool: &PgPool, name: &str) -> sqlx::Result<Option<ScriptBackboneRow>> {
+    if crate::models::find(name).is_some() {
+        return Ok(None);
+    }
+    get(pool, name).await
+}
+
 pub async fn list(pool: &PgPool) -> sqlx::Result<Vec<ScriptBackboneRow>> {
     sqlx::query_as("SELECT * FROM script_backbones ORDER BY created_at, name")
         .fetch_all(pool)

@@ -163,7 +163,7 @@ impl Worker {
         let (script, normalization) = match models::find(&config.backbone) {
             Some(spec) => (None, spec.normalization),
             None => {
-                let row = store::backbones::get(&self.pool, &config.backbone)
+                let row = store::backbones::uploaded(&self.pool, &config.backbone)
                     .await?
                     .context("the job's backbone no longer exists")?;
                 self.artifacts.fetch(&row.artifact_key).await?;
