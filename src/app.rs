@@ -2,6 +2,7 @@
 //! run together and shut down together.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -15,16 +16,19 @@ use crate::auth::Auth;
 use crate::config::Config;
 use crate::models;
 use crate::serve::{ModelSpec, Predictor};
+use crate::store::embedded::Supervisor;
 use crate::store::{self, EmbeddedPostgres};
 use crate::train::Worker;
 
 /// An idle worker looks at the queue at least this often, notifications aside.
 const IDLE_POLL: Duration = Duration::from_secs(5);
 
-/// The database the service runs on, and the embedded server if it started one.
+/// The database the service runs on, and the embedded server if it uses one.
 pub struct Database {
     pub pool: PgPool,
-    pub embedded: Option<EmbeddedPostgres>,
+    pub embedded: Option<Arc<EmbeddedPostgres>>,
+    /// Restarts the embedded server should it die while this process runs.
+    supervisor: Option<Supervisor>,
 }
 
 impl Database {
@@ -39,6 +43,7 @@ impl Database {
             return Ok(Self {
                 pool,
                 embedded: None,
+                supervisor: None,
             });
         }
         let dir = config.data_dir.join("postgres");
@@ -50,17 +55,26 @@ impl Database {
         let pool = store::connect(&pg.url())
             .await
             .context("connecting to the embedded Postgres")?;
+        let pg = Arc::new(pg);
         Ok(Self {
             pool,
+            supervisor: Some(Supervisor::start(pg.clone())),
             embedded: Some(pg),
         })
     }
 
+    /// Closes the pool and stops the embedded server if this process
+    /// started it and no other process uses it.
     pub async fn close(self) {
+        drop(self.supervisor);
         self.pool.close().await;
         if let Some(pg) = self.embedded {
-            if let Err(err) = tokio::task::spawn_blocking(move || pg.stop()).await {
-                tracing::warn!(error = %err, "stopping the embedded Postgres failed");
+            match tokio::task::spawn_blocking(move || pg.stop()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => {
+                    tracing::warn!(error = %format!("{err:#}"), "stopping the embedded Postgres failed")
+                }
+                Err(err) => tracing::warn!(error = %err, "stopping the embedded Postgres failed"),
             }
         }
     }
@@ -80,13 +94,14 @@ pub fn worker_devices(config: &Config) -> anyhow::Result<Vec<Device>> {
 
 fn artifacts(config: &Config) -> anyhow::Result<Artifacts> {
     let root = config.data_dir.join("artifacts");
-    match &config.artifact_url {
-        None => Artifacts::open(root).context("opening the artifacts directory"),
+    let artifacts = match &config.artifact_url {
+        None => Artifacts::open(root).context("opening the artifacts directory")?,
         Some(url) => {
             tracing::info!(%url, "artifacts published to an object store, cached locally");
-            Artifacts::open_with_remote(root, url).context("opening the artifact store")
+            Artifacts::open_with_remote(root, url).context("opening the artifact store")?
         }
-    }
+    };
+    Ok(artifacts.with_min_free(config.min_free_disk_mib.saturating_mul(1024 * 1024)))
 }
 
 fn spawn_workers(
@@ -145,6 +160,8 @@ pub async fn serve(
         decode_permits: std::sync::Arc::new(tokio::sync::Semaphore::new(config.decode_threads())),
         weights_dir: config.weights_dir(),
         limits: config.http_limits(),
+        script_check: config.script_check()?,
+        events: api::EventStreams::new(db.pool.clone(), config.max_event_streams),
     };
     for spec in models::CATALOGUE.iter().filter(|s| s.bundled) {
         if !spec.weights_path(&state.weights_dir).exists() {
@@ -155,6 +172,7 @@ pub async fn serve(
 
     sweep_interrupted_uploads(&state).await;
     warm_up_default_model(&state);
+    let events = state.events.clone();
     // Built before the workers start: it installs the metrics recorder
     // their first events go to.
     let router = api::router(state);
@@ -165,28 +183,24 @@ pub async fn serve(
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     tracing::info!(listen = %listener.local_addr()?, workers = workers.len(), "serving");
-    // On the signal: stop accepting, and stop the workers at their next batch
-    // at once (they save and hand back in parallel with the HTTP drain).
-    let (signalled_tx, mut signalled) = watch::channel(false);
-    tokio::spawn(async move {
+    // On the signal: stop accepting, end the event streams (their clients
+    // would otherwise hold the drain), and stop the workers at their next
+    // batch at once (they save and hand back in parallel with the drain).
+    let signalled = async move {
         shutdown.await;
-        let _ = signalled_tx.send(true);
+        events.close();
         let _ = stop_tx.send(true);
-    });
-    let mut drain_signal = signalled.clone();
-    let server = axum::serve(listener, router).with_graceful_shutdown(async move {
-        let _ = drain_signal.wait_for(|s| *s).await;
-    });
-    // In-flight requests get a bounded drain; event streams would otherwise
-    // keep the process up as long as their clients stay.
+    };
+    // In-flight requests get a bounded drain.
     let grace = Duration::from_secs(config.shutdown_grace_secs);
-    tokio::select! {
-        served = server => served?,
-        _ = async {
-            let _ = signalled.wait_for(|s| *s).await;
-            tokio::time::sleep(grace).await;
-        } => tracing::warn!(?grace, "requests still open after the grace period: closing them"),
-    }
+    api::server::serve(
+        listener,
+        router,
+        config.connection_limits(),
+        signalled,
+        grace,
+    )
+    .await;
 
     tracing::info!("shutting down: waiting for workers to hand back their jobs");
     for worker in workers {

@@ -23,6 +23,35 @@ use uuid::Uuid;
 pub struct Artifacts {
     root: PathBuf,
     remote: Option<Arc<dyn ObjectStore>>,
+    /// Free bytes the disk under `root` must keep (uploads, jobs and
+    /// checkpoints stop short of it; the embedded Postgres may share it).
+    min_free_bytes: u64,
+}
+
+/// The disk under the artifacts is below its free-space floor.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "only {} MiB free on the disk of {}, below the {} MiB floor (--min-free-disk-mib)",
+    free / (1024 * 1024),
+    dir.display(),
+    floor / (1024 * 1024)
+)]
+pub struct LowDisk {
+    pub free: u64,
+    pub floor: u64,
+    pub dir: PathBuf,
+}
+
+/// Bytes available to this user on the file system holding `dir`.
+pub fn free_bytes(dir: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    // SAFETY: a valid C string and a zeroed statvfs for the duration of the call.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(stat.f_bavail as u64 * stat.f_frsize as u64)
 }
 
 impl std::fmt::Debug for Artifacts {
@@ -51,7 +80,30 @@ impl Artifacts {
         std::fs::create_dir_all(root.join("tmp"))?;
         std::fs::create_dir_all(root.join("datasets"))?;
         std::fs::create_dir_all(root.join("jobs"))?;
-        Ok(Self { root, remote: None })
+        Ok(Self {
+            root,
+            remote: None,
+            min_free_bytes: 0,
+        })
+    }
+
+    /// The same store, refusing new work below `bytes` free on its disk.
+    pub fn with_min_free(mut self, bytes: u64) -> Self {
+        self.min_free_bytes = bytes;
+        self
+    }
+
+    /// Whether the disk has room for new work (above the floor).
+    pub fn room(&self) -> Result<(), LowDisk> {
+        let free = free_bytes(&self.root).unwrap_or(u64::MAX);
+        if free < self.min_free_bytes {
+            return Err(LowDisk {
+                free,
+                floor: self.min_free_bytes,
+                dir: self.root.clone(),
+            });
+        }
+        Ok(())
     }
 
     /// A local cache directory in front of the object store at `url`.
@@ -129,6 +181,8 @@ impl Artifacts {
                 removed.push(entry.path());
             }
         }
+        // Checkpoints and cards a crashed writer left half-written.
+        removed.extend(crate::durable::sweep_partials(&self.root, age));
         Ok(removed)
     }
 

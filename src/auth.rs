@@ -27,6 +27,11 @@ use crate::store::keys::{self, KeyRow};
 /// is asked again: a revocation takes effect within this time.
 const CACHE_TTL: Duration = Duration::from_secs(2);
 const TOKEN_PREFIX: &str = "ft_";
+/// Hex digits of a key's prefix (`keys create` makes 6 random bytes).
+const PREFIX_LEN: usize = 12;
+/// Prefixes (known or not) remembered at once: unauthenticated traffic with
+/// made-up prefixes costs bounded memory.
+const CACHE_ENTRIES: usize = 4096;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scope {
@@ -95,9 +100,14 @@ fn hash(secret: &str) -> Vec<u8> {
     Sha256::digest(secret.as_bytes()).to_vec()
 }
 
-/// Splits `ft_<prefix>_<secret>`.
+/// Splits `ft_<prefix>_<secret>`; `None` for anything not shaped like a
+/// token we issue (never looked up, never cached).
 fn split_token(token: &str) -> Option<(&str, &str)> {
-    token.strip_prefix(TOKEN_PREFIX)?.split_once('_')
+    let (prefix, secret) = token.strip_prefix(TOKEN_PREFIX)?.split_once('_')?;
+    let well_formed = prefix.len() == PREFIX_LEN
+        && prefix.bytes().all(|b| b.is_ascii_hexdigit())
+        && !secret.is_empty();
+    well_formed.then_some((prefix, secret))
 }
 
 #[derive(Clone)]
@@ -111,6 +121,20 @@ struct CachedKey {
 struct Cache {
     enabled: Option<(bool, Instant)>,
     keys: HashMap<String, (Option<CachedKey>, Instant)>,
+}
+
+impl Cache {
+    /// Caches a lookup; when full, expired entries go first, then all of
+    /// them (a flood of made-up prefixes must not grow the map).
+    fn remember(&mut self, prefix: &str, key: Option<CachedKey>) {
+        if self.keys.len() >= CACHE_ENTRIES {
+            self.keys.retain(|_, (_, at)| at.elapsed() < CACHE_TTL);
+            if self.keys.len() >= CACHE_ENTRIES {
+                self.keys.clear();
+            }
+        }
+        self.keys.insert(prefix.to_string(), (key, Instant::now()));
+    }
 }
 
 /// Checks bearer tokens against Postgres, with a short-lived cache so the
@@ -161,10 +185,7 @@ impl Auth {
                     let (pool, id) = (self.pool.clone(), key.id);
                     tokio::spawn(async move { keys::touch(&pool, id).await });
                 }
-                let mut cache = self.cache.lock().unwrap();
-                cache
-                    .keys
-                    .insert(prefix.to_string(), (key.clone(), Instant::now()));
+                self.cache.lock().unwrap().remember(prefix, key.clone());
                 key
             }
         };
@@ -254,9 +275,24 @@ mod tests {
 
     #[test]
     fn tokens_split_into_prefix_and_secret() {
-        assert_eq!(split_token("ft_0a1b_se_cret"), Some(("0a1b", "se_cret")));
-        assert_eq!(split_token("0a1b_secret"), None);
+        assert_eq!(
+            split_token("ft_0a1b2c3d4e5f_se_cret"),
+            Some(("0a1b2c3d4e5f", "se_cret"))
+        );
+        assert_eq!(split_token("0a1b2c3d4e5f_secret"), None);
+        assert_eq!(split_token("ft_0a1b_secret"), None);
+        assert_eq!(split_token("ft_0a1b2c3d4e5z_secret"), None);
+        assert_eq!(split_token("ft_0a1b2c3d4e5f_"), None);
         assert!(Scope::Admin.allows(Scope::Predict));
         assert!(!Scope::Predict.allows(Scope::Admin));
+    }
+
+    #[test]
+    fn the_key_cache_stays_bounded_under_made_up_prefixes() {
+        let mut cache = Cache::default();
+        for i in 0..20_000 {
+            cache.remember(&format!("{i:012x}"), None);
+            assert!(cache.keys.len() <= CACHE_ENTRIES);
+        }
     }
 }

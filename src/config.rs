@@ -104,6 +104,33 @@ pub struct Config {
     #[arg(long, env = "FINETUNED_ALLOW_UNAUTHENTICATED")]
     pub allow_unauthenticated: bool,
 
+    /// Free disk space, in MiB, the data directory keeps: below it uploads
+    /// and new jobs get 507, workers take no job, readiness says why.
+    #[arg(long, env = "FINETUNED_MIN_FREE_DISK_MIB", default_value_t = 2048)]
+    pub min_free_disk_mib: u64,
+
+    /// Accept TorchScript backbones on `POST /backbones`. A module is code:
+    /// each is checked (allowlisted tensor operations only, first run in a
+    /// confined child process), then trained and served in-process.
+    #[arg(long, env = "FINETUNED_ALLOW_SCRIPT_BACKBONES")]
+    pub allow_script_backbones: bool,
+
+    /// Memory an uploaded module's check may allocate, in MiB.
+    #[arg(
+        long,
+        env = "FINETUNED_SCRIPT_CHECK_MEMORY_MIB",
+        default_value_t = 4096
+    )]
+    pub script_check_memory_mib: u64,
+
+    /// Seconds an uploaded module's check may run (wall clock and CPU).
+    #[arg(
+        long,
+        env = "FINETUNED_SCRIPT_CHECK_TIMEOUT_SECS",
+        default_value_t = 60
+    )]
+    pub script_check_timeout_secs: u64,
+
     /// Longest a JSON request may take, in seconds (503 after).
     #[arg(long, env = "FINETUNED_REQUEST_TIMEOUT_SECS", default_value_t = 30)]
     pub request_timeout_secs: u64,
@@ -133,6 +160,22 @@ pub struct Config {
     /// Seconds in-flight requests get to finish after SIGTERM/SIGINT.
     #[arg(long, env = "FINETUNED_SHUTDOWN_GRACE_SECS", default_value_t = 20)]
     pub shutdown_grace_secs: u64,
+
+    /// Seconds a client has to send a request's head, from connecting or
+    /// from the end of its previous response: it also closes idle
+    /// keep-alive connections.
+    #[arg(long, env = "FINETUNED_HEADER_READ_TIMEOUT_SECS", default_value_t = 10)]
+    pub header_read_timeout_secs: u64,
+
+    /// HTTP connections open at once; beyond it, new connections wait in
+    /// the listen backlog until one closes.
+    #[arg(long, env = "FINETUNED_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+
+    /// `/jobs/{id}/events` streams open at once; more get 503 + Retry-After.
+    /// Half the connection cap, so streams alone cannot fill it.
+    #[arg(long, env = "FINETUNED_MAX_EVENT_STREAMS", default_value_t = 512)]
+    pub max_event_streams: usize,
 
     /// Log format: `text` or `json`.
     #[arg(long, env = "FINETUNED_LOG_FORMAT", default_value = "text")]
@@ -175,6 +218,27 @@ impl Config {
             max_concurrent_requests: self.max_concurrent_requests.max(1),
             max_concurrent_uploads: self.max_concurrent_uploads.max(1),
             cors_origins: self.cors_origins.clone(),
+        }
+    }
+
+    /// How uploaded TorchScript backbones are checked, when they are allowed.
+    pub fn script_check(&self) -> anyhow::Result<Option<crate::sandbox::ScriptCheck>> {
+        if !self.allow_script_backbones {
+            return Ok(None);
+        }
+        Ok(Some(crate::sandbox::ScriptCheck {
+            program: std::env::current_exe()?,
+            memory_bytes: self.script_check_memory_mib.saturating_mul(1024 * 1024),
+            timeout: std::time::Duration::from_secs(self.script_check_timeout_secs.max(1)),
+        }))
+    }
+
+    pub fn connection_limits(&self) -> crate::api::server::ConnectionLimits {
+        crate::api::server::ConnectionLimits {
+            header_read_timeout: std::time::Duration::from_secs(
+                self.header_read_timeout_secs.max(1),
+            ),
+            max_connections: self.max_connections.max(1),
         }
     }
 
@@ -227,6 +291,10 @@ impl std::fmt::Debug for Config {
             .field("predict_timeout_secs", &self.predict_timeout_secs)
             .field("decode_threads", &self.decode_threads())
             .field("allow_unauthenticated", &self.allow_unauthenticated)
+            .field("min_free_disk_mib", &self.min_free_disk_mib)
+            .field("allow_script_backbones", &self.allow_script_backbones)
+            .field("script_check_memory_mib", &self.script_check_memory_mib)
+            .field("script_check_timeout_secs", &self.script_check_timeout_secs)
             .field("request_timeout_secs", &self.request_timeout_secs)
             .field("upload_timeout_secs", &self.upload_timeout_secs)
             .field("max_concurrent_requests", &self.max_concurrent_requests)
@@ -234,6 +302,9 @@ impl std::fmt::Debug for Config {
             .field("cors_origins", &self.cors_origins)
             .field("lease_secs", &self.lease_secs)
             .field("shutdown_grace_secs", &self.shutdown_grace_secs)
+            .field("header_read_timeout_secs", &self.header_read_timeout_secs)
+            .field("max_connections", &self.max_connections)
+            .field("max_event_streams", &self.max_event_streams)
             .finish()
     }
 }

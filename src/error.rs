@@ -52,10 +52,15 @@ pub enum ApiError {
     Invalid {
         detail: String,
         errors: Vec<FieldError>,
+        /// Errors found besides `errors` and not kept.
+        omitted: usize,
     },
     /// 415: the body's content type is not one this route reads.
     #[error("{0}")]
     UnsupportedMediaType(String),
+    /// 507: the disk is below its free-space floor; nothing was stored.
+    #[error("{0}")]
+    InsufficientStorage(String),
     /// 503: a dependency is not ready.
     #[error("{0}")]
     Unavailable(String),
@@ -72,6 +77,7 @@ impl ApiError {
         Self::Invalid {
             detail: detail.into(),
             errors,
+            omitted: 0,
         }
     }
 
@@ -86,6 +92,7 @@ impl ApiError {
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
             Self::Unavailable(_) | Self::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -99,8 +106,41 @@ struct Problem<'a> {
     title: &'a str,
     status: u16,
     detail: String,
-    #[serde(skip_serializing_if = "<[_]>::is_empty")]
-    errors: &'a [FieldError],
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    errors: Vec<FieldError>,
+    #[serde(skip_serializing_if = "is_zero")]
+    errors_omitted: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+/// Most errors a problem document lists; the rest are only counted (in
+/// `errors_omitted`), so that no input makes the answer large.
+pub const MAX_LISTED_ERRORS: usize = 100;
+/// Longest `path` or `reason` a listed error shows, for the same reason.
+const MAX_ERROR_TEXT_BYTES: usize = 4096;
+
+/// The errors a problem document lists, shortened, and how many it leaves out.
+fn listed_errors(errors: &[FieldError], omitted: usize) -> (Vec<FieldError>, usize) {
+    let shorten = |text: &str| {
+        if text.len() <= MAX_ERROR_TEXT_BYTES {
+            return text.to_string();
+        }
+        let end = (0..=MAX_ERROR_TEXT_BYTES)
+            .rev()
+            .find(|&i| text.is_char_boundary(i))
+            .unwrap_or(0);
+        format!("{}…", &text[..end])
+    };
+    let listed: Vec<FieldError> = errors
+        .iter()
+        .take(MAX_LISTED_ERRORS)
+        .map(|e| FieldError::new(shorten(&e.path), shorten(&e.reason)))
+        .collect();
+    let omitted = omitted + (errors.len() - listed.len());
+    (listed, omitted)
 }
 
 impl IntoResponse for ApiError {
@@ -113,9 +153,19 @@ impl IntoResponse for ApiError {
             }
             other => other.to_string(),
         };
-        let errors = match &self {
-            Self::Invalid { errors, .. } => errors.as_slice(),
-            _ => &[],
+        let (errors, errors_omitted) = match &self {
+            Self::Invalid {
+                errors, omitted, ..
+            } => listed_errors(errors, *omitted),
+            _ => (Vec::new(), 0),
+        };
+        let detail = match errors_omitted {
+            0 => detail,
+            n => format!(
+                "{detail} (the first {} of {} errors are listed)",
+                errors.len(),
+                errors.len() + n
+            ),
         };
         let body = Problem {
             kind: "about:blank",
@@ -123,6 +173,7 @@ impl IntoResponse for ApiError {
             status: status.as_u16(),
             detail,
             errors,
+            errors_omitted,
         };
         let json = serde_json::to_vec(&body).expect("problem serializes");
         let mut response = (
@@ -145,6 +196,14 @@ impl IntoResponse for ApiError {
             _ => {}
         }
         response
+    }
+}
+
+impl From<crate::artifacts::LowDisk> for ApiError {
+    fn from(low: crate::artifacts::LowDisk) -> Self {
+        Self::InsufficientStorage(format!(
+            "{low}; new uploads and jobs wait until space is freed"
+        ))
     }
 }
 

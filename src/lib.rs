@@ -9,10 +9,12 @@
 //! - [`store`]: Postgres through sqlx (one module per table group), the job
 //!   queue, and the embedded private cluster used when no `DATABASE_URL` is set.
 //! - [`artifacts`]: where uploaded archives, decoded datasets and checkpoints live.
+//! - [`durable`]: files written whole or not at all, surviving power loss.
 //! - [`data`]: archive ingest, validation, train/val split, and the one
 //!   preprocessing path shared by training, evaluation and prediction.
 //! - [`models`]: the backbone catalogue, backbone networks, classifier heads.
 //! - [`train`]: job configuration, the training loop, metrics, the worker pool.
+//! - [`sandbox`]: the confined child process that first runs uploaded code.
 //! - [`serve`]: the inference thread that loads checkpoints and predicts.
 //! - [`telemetry`]: Prometheus metrics and the request-counting middleware.
 //! - [`app`]: wiring: start the database, workers and HTTP server together.
@@ -23,9 +25,11 @@ pub mod artifacts;
 pub mod auth;
 pub mod config;
 pub mod data;
+pub mod durable;
 pub mod error;
 pub mod models;
 pub mod native;
+pub mod sandbox;
 pub mod serve;
 pub mod store;
 pub mod telemetry;

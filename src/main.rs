@@ -125,6 +125,11 @@ impl KeyAction {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // The confined check of an uploaded module: no configuration, no logs.
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some(finetuned::sandbox::SUBCOMMAND) {
+        std::process::exit(finetuned::sandbox::child_main(&args[2..]));
+    }
     let cli = Cli::parse();
     let config = match &cli.command {
         Command::Serve(c) | Command::Worker(c) | Command::Migrate(c) => c.clone(),

@@ -1,16 +1,22 @@
 //! Safe wrappers over `src/native/shim.cpp`: what libtorch can do and tch
 //! does not expose.
 
-use std::ffi::{c_char, CStr, CString};
-use std::path::Path;
+use std::ffi::{c_char, CStr};
 
 extern "C" {
     fn ft_free_message(text: *mut c_char);
+    fn ft_script_operations(
+        data: *const c_char,
+        length: usize,
+        listing: *mut *mut c_char,
+    ) -> *mut c_char;
     fn ft_script_add_features(
-        in_path: *const c_char,
-        out_path: *const c_char,
+        data: *const c_char,
+        length: usize,
         strip_linear: bool,
         removed: *mut *mut c_char,
+        out: *mut *mut c_char,
+        out_length: *mut usize,
     ) -> *mut c_char;
     fn ft_autocast_cuda_bf16();
 }
@@ -29,30 +35,78 @@ fn take_message(text: *mut c_char) -> Option<String> {
     Some(owned)
 }
 
-fn c_path(path: &Path) -> Result<CString, String> {
-    CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|_| format!("{} contains a NUL byte", path.display()))
+/// One operation found in a TorchScript module's code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScriptOperation {
+    /// `aten::conv2d`, `prim::If`, …
+    pub kind: String,
+    /// The function it is in (`__torch__.torchvision.models.resnet.ResNet.forward`).
+    pub function: String,
+    /// `file:line` of the source it came from, when the module kept it.
+    pub location: String,
 }
 
-/// Copies the TorchScript module at `input` to `output` with one more
-/// method, `features`: its `forward` without the final linear layer (when
-/// `strip_linear`), else `forward` itself. Returns the removed layer's
+/// Every operation kind used by every function of the serialized module
+/// (once per function), after inlining: what running any of them may do.
+/// Loading runs the module's `__setstate__` methods: call it only where
+/// that is contained (the upload check's child process).
+pub fn script_operations(module: &[u8]) -> Result<Vec<ScriptOperation>, String> {
+    let mut listing: *mut c_char = std::ptr::null_mut();
+    // SAFETY: a valid buffer and out-pointer for the duration of the call.
+    let error = unsafe { ft_script_operations(module.as_ptr().cast(), module.len(), &mut listing) };
+    if let Some(error) = take_message(error) {
+        return Err(error);
+    }
+    let listing = take_message(listing).unwrap_or_default();
+    Ok(listing
+        .lines()
+        .map(|line| {
+            let mut fields = line.splitn(3, '\t');
+            let mut next = || fields.next().unwrap_or_default().to_string();
+            ScriptOperation {
+                kind: next(),
+                function: next(),
+                location: next(),
+            }
+        })
+        .collect())
+}
+
+/// The serialized TorchScript `module` with one more method, `features`:
+/// its `forward` without the final linear layer (when `strip_linear`), else
+/// `forward` itself. Returns the new module's bytes and the removed layer's
 /// weight (`fc.weight`), if one was removed.
 pub fn add_features_method(
-    input: &Path,
-    output: &Path,
+    module: &[u8],
     strip_linear: bool,
-) -> Result<Option<String>, String> {
-    let (input, output) = (c_path(input)?, c_path(output)?);
+) -> Result<(Vec<u8>, Option<String>), String> {
     let mut removed: *mut c_char = std::ptr::null_mut();
-    // SAFETY: valid C strings and out-pointer for the duration of the call.
+    let mut out: *mut c_char = std::ptr::null_mut();
+    let mut out_length = 0usize;
+    // SAFETY: a valid buffer and out-pointers for the duration of the call.
     let error = unsafe {
-        ft_script_add_features(input.as_ptr(), output.as_ptr(), strip_linear, &mut removed)
+        ft_script_add_features(
+            module.as_ptr().cast(),
+            module.len(),
+            strip_linear,
+            &mut removed,
+            &mut out,
+            &mut out_length,
+        )
     };
-    match take_message(error) {
-        Some(error) => Err(error),
-        None => Ok(take_message(removed)),
+    if let Some(error) = take_message(error) {
+        return Err(error);
     }
+    let bytes = if out.is_null() {
+        Vec::new()
+    } else {
+        // SAFETY: the shim allocated `out_length` bytes with malloc.
+        let bytes = unsafe { std::slice::from_raw_parts(out.cast::<u8>(), out_length) }.to_vec();
+        // SAFETY: freed once, by the allocator that made it.
+        unsafe { ft_free_message(out) };
+        bytes
+    };
+    Ok((bytes, take_message(removed)))
 }
 
 /// Makes autocast on CUDA compute in bf16 (libtorch's default is fp16), for

@@ -153,11 +153,9 @@ impl UploadForm {
                 Some(std) if std.iter().all(|s| *s > 0.0) => self.std = std,
                 _ => invalid(format!("{value:?} is not three positive numbers (r,g,b)")),
             },
-            "output" => match value {
-                "auto" => self.output = Output::Auto,
-                "features" => self.output = Output::Features,
-                "logits" => self.output = Output::Logits,
-                _ => invalid(format!("{value:?} is not one of: auto, features, logits")),
+            "output" => match Output::parse(value) {
+                Some(output) => self.output = output,
+                None => invalid(format!("{value:?} is not one of: auto, features, logits")),
             },
             _ => {
                 invalid("unknown field; expected file, name, image_size, mean, std, output".into())
@@ -175,32 +173,38 @@ pub async fn create(
     State(state): State<AppState>,
     request: Request,
 ) -> Result<Created<BackboneView>, ApiError> {
+    let Some(check) = state.script_check.clone() else {
+        return Err(ApiError::Forbidden(
+            "uploading TorchScript backbones is off: a module is code the server runs. \
+             The operator allows it with --allow-script-backbones \
+             (FINETUNED_ALLOW_SCRIPT_BACKBONES=true)"
+                .into(),
+        ));
+    };
+    state.artifacts.room()?;
     let upload = RemoveOnDrop(state.artifacts.temp_file(".pt"));
     let form = read_form(&state, request, &upload.0).await?;
     let name = form.name.clone().unwrap_or_default();
     if models::find(&name).is_some() || store::get(&state.pool, &name).await?.is_some() {
         return Err(taken(&name));
     }
+    let (found, module) = check
+        .run(&upload.0, form.image_size, form.output)
+        .await
+        .map_err(internal)?
+        .map_err(|reasons| {
+            ApiError::invalid(
+                "the TorchScript module cannot be used as a backbone",
+                reasons
+                    .into_iter()
+                    .map(|reason| FieldError::new("file", reason))
+                    .collect(),
+            )
+        })?;
     // Written under tmp/ (swept after a crash), then moved into place.
     let stored = RemoveOnDrop(state.artifacts.temp_file(".pt"));
-    let (source, target, size, output) = (
-        upload.0.clone(),
-        stored.0.clone(),
-        form.image_size,
-        form.output,
-    );
-    let inspected = tokio::task::spawn_blocking(move || {
-        let found = script::inspect(&source, &target, size, output)?;
-        Ok::<_, String>((found, sha256_file(&target)))
-    })
-    .await
-    .map_err(|e| ApiError::Internal(e.into()))?;
-    let (found, digest) = inspected.map_err(|reason| {
-        ApiError::invalid(
-            "the TorchScript module cannot be used as a backbone",
-            vec![FieldError::new("file", reason)],
-        )
-    })?;
+    std::fs::write(&stored.0, &module).map_err(internal)?;
+    let digest = sha256_hex(&module);
     let row = ScriptBackboneRow {
         name: name.clone(),
         image_size: form.image_size as i32,
@@ -214,7 +218,7 @@ pub async fn create(
         removed_layer: found.removed_layer,
         source_file: form.filename,
         bytes: form.file_bytes.unwrap_or_default() as i64,
-        sha256: digest.map_err(internal)?,
+        sha256: digest,
         artifact_key: artifact_key(&name),
         created_at: Utc::now(),
     };
@@ -306,16 +310,12 @@ async fn place(
     }
 }
 
-fn sha256_file(path: &FsPath) -> std::io::Result<String> {
+fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::{Digest, Sha256};
-    let mut hasher = Sha256::new();
-    let mut file = std::fs::File::open(path)?;
-    std::io::copy(&mut file, &mut hasher)?;
-    Ok(hasher
-        .finalize()
+    Sha256::digest(bytes)
         .iter()
         .map(|b| format!("{b:02x}"))
-        .collect())
+        .collect()
 }
 
 pub async fn get(

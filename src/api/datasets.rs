@@ -54,10 +54,17 @@ const ARCHIVE_TYPES: &[&str] = &[
     "application/octet-stream",
 ];
 
+/// Longest dataset name: a label for people, not a document.
+const MAX_NAME_CHARS: usize = 200;
+
 impl UploadForm {
     /// Applies one text setting (form field or query parameter).
     fn set(&mut self, field: &str, value: &str, errors: &mut Vec<FieldError>) {
         match field {
+            "name" if value.chars().count() > MAX_NAME_CHARS => errors.push(FieldError::new(
+                "name",
+                format!("longer than {MAX_NAME_CHARS} characters"),
+            )),
             "name" => self.name = Some(value.to_string()),
             "val_fraction" => match value.trim().parse::<f64>() {
                 Ok(v) if (0.05..=0.5).contains(&v) => self.options.val_fraction = v,
@@ -123,6 +130,7 @@ pub async fn create(
     ApiQuery(params): ApiQuery<UploadParams>,
     request: Request,
 ) -> Result<Created<DatasetRow>, ApiError> {
+    state.artifacts.room()?;
     let upload = RemoveOnDrop(state.artifacts.temp_file(".upload"));
     let mut form = UploadForm {
         name: None,
@@ -292,7 +300,15 @@ async fn ingest(
         }
     };
     let report = report.map_err(|err| match err {
-        DataError::Invalid { detail, errors } => ApiError::invalid(detail, errors),
+        DataError::Invalid {
+            detail,
+            errors,
+            omitted,
+        } => ApiError::Invalid {
+            detail,
+            errors,
+            omitted,
+        },
         other => ApiError::Internal(other.into()),
     })?;
     state

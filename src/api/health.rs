@@ -15,9 +15,14 @@ pub async fn healthz() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
 
-/// Ready when Postgres answers, every migration is applied and the
-/// catalogue's pretrained weights are installed; the body says what is not.
+/// Ready when Postgres answers (an embedded one that died fails at once, not
+/// after the pool's reconnect attempts), every migration is applied and the
+/// catalogue's pretrained weights are installed and the disk is above its
+/// free-space floor; the body says what is not.
 pub async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    if let Some(outage) = store::embedded::outage() {
+        return Err(ApiError::Unavailable(outage));
+    }
     let applied: Vec<i64> =
         sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
             .fetch_all(&state.pool)
@@ -47,6 +52,10 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
             missing.join(", ")
         )));
     }
+    state
+        .artifacts
+        .room()
+        .map_err(|low| ApiError::Unavailable(low.to_string()))?;
     Ok(Json(json!({ "status": "ready" })))
 }
 

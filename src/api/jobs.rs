@@ -89,6 +89,7 @@ pub async fn create(
     headers: HeaderMap,
     ApiJson(request): ApiJson<JobRequest>,
 ) -> Result<(StatusCode, [(HeaderName, String); 1], Json<JobView>), ApiError> {
+    state.artifacts.room()?;
     let key = match headers.get(IDEMPOTENCY_KEY) {
         Some(value) => Some(
             value

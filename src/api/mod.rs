@@ -8,7 +8,10 @@ mod health;
 mod jobs;
 mod limits;
 mod models;
+mod origin;
 mod predict;
+pub mod server;
+mod text;
 mod upload;
 
 use std::path::PathBuf;
@@ -27,6 +30,7 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::trace::TraceLayer;
 use uuid::Uuid;
 
+pub use events::EventStreams;
 pub use limits::HttpLimits;
 
 use crate::artifacts::Artifacts;
@@ -48,6 +52,11 @@ pub struct AppState {
     /// Bounds the images decoded at once, so decoding does not starve
     /// libtorch's threads of cores.
     pub decode_permits: Arc<Semaphore>,
+    /// `/jobs/{id}/events` streams: their cap and the feeds they share.
+    pub events: EventStreams,
+    /// How uploaded TorchScript backbones are checked; `None` refuses them
+    /// (the default: a module is code).
+    pub script_check: Option<crate::sandbox::ScriptCheck>,
 }
 
 /// JSON request bodies (job configurations) are small.
@@ -109,6 +118,11 @@ pub fn router(state: AppState) -> Router {
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(from_fn_with_state(state.auth.clone(), auth::require_key))
+        .layer(from_fn(text::refuse_nul_in_uri))
+        .layer(from_fn_with_state(
+            Arc::new(limits.cors_origins.clone()),
+            origin::refuse_other_sites,
+        ))
         .layer(from_fn_with_state(
             (
                 Arc::new(Semaphore::new(limits.max_concurrent_requests)),

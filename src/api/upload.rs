@@ -7,8 +7,8 @@ use axum::extract::{FromRequest, Multipart, Request};
 use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 
-use super::AppState;
-use crate::error::ApiError;
+use super::{text, AppState};
+use crate::error::{ApiError, FieldError};
 
 /// Streams chunks into a new file at `path`, refusing more than `limit`
 /// bytes. Returns the bytes written.
@@ -59,15 +59,67 @@ pub async fn read_multipart(
         let name = field.name().unwrap_or_default().to_string();
         if name == "file" {
             let filename = field.file_name().map(str::to_string);
+            if let Some(filename) = &filename {
+                check_file_name(filename)?;
+            }
             let chunks = (&mut field).map(|chunk| chunk.map_err(ApiError::from));
             let bytes = write_upload(path, chunks, limit).await?;
             file = Some(UploadedFile { filename, bytes });
         } else {
-            let value = field.text().await?;
+            let value = read_text_field(&mut field, &name).await?;
             on_field(&name, &value);
         }
     }
     Ok(file)
+}
+
+/// Longest text form field (a name, a list of numbers); uploads are large
+/// but their other fields are not.
+const MAX_FIELD_BYTES: usize = 4096;
+/// Longest file name kept (it is stored with the upload).
+const MAX_FILE_NAME_BYTES: usize = 255;
+
+fn shown(name: &str) -> String {
+    name.chars().filter(|c| *c != '\0').take(64).collect()
+}
+
+/// A text field, at most [`MAX_FIELD_BYTES`], UTF-8 without NUL.
+async fn read_text_field(
+    field: &mut axum::extract::multipart::Field<'_>,
+    name: &str,
+) -> Result<String, ApiError> {
+    let invalid = |reason: String| {
+        ApiError::invalid(
+            "the form is invalid",
+            vec![FieldError::new(shown(name), reason)],
+        )
+    };
+    let mut bytes = Vec::new();
+    while let Some(chunk) = field.chunk().await? {
+        if bytes.len() + chunk.len() > MAX_FIELD_BYTES {
+            return Err(invalid(format!(
+                "longer than {MAX_FIELD_BYTES} bytes; only the `file` part may be large"
+            )));
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    let value = String::from_utf8(bytes).map_err(|_| invalid("not UTF-8 text".into()))?;
+    text::check_form_text(&shown(name), &value)?;
+    Ok(value)
+}
+
+fn check_file_name(filename: &str) -> Result<(), ApiError> {
+    text::check_form_text("file", filename)?;
+    if filename.len() > MAX_FILE_NAME_BYTES {
+        return Err(ApiError::invalid(
+            "the form is invalid",
+            vec![FieldError::new(
+                "file",
+                format!("the file name is longer than {MAX_FILE_NAME_BYTES} bytes"),
+            )],
+        ));
+    }
+    Ok(())
 }
 
 pub fn internal(err: std::io::Error) -> ApiError {

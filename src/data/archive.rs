@@ -10,14 +10,21 @@
 //! wrapped in a single top-level folder (what zipping a folder produces).
 //! Operating-system litter is dropped, other non-images are skipped and
 //! reported; unsafe paths reject the whole archive.
+//!
+//! Everything a listing holds is bounded before it is read: entries, paths,
+//! the manifest, tar extension headers and, for tar.gz, the inflation of the
+//! whole stream ([`tar_guard`]).
+
+mod tar_guard;
 
 use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::path::Path;
 
 use crate::error::FieldError;
+use tar_guard::{Refusal, TarGuard};
 
-use super::{DataError, Skipped};
+use super::{DataError, Problems, Skipped};
 
 /// Which split a file was placed in by the archive's own layout or manifest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -62,14 +69,25 @@ pub struct Listing {
 }
 
 /// Archive-bomb bounds: entries, total uncompressed bytes, and how much an
-/// entry may expand (images barely compress, so a high ratio is an attack).
+/// entry (zip) or the whole stream (tar.gz) may expand (images barely
+/// compress, so a high ratio is an attack).
 pub const MAX_ENTRIES: usize = 200_000;
 pub const MAX_TOTAL_BYTES: u64 = 8 * 1024 * 1024 * 1024;
 pub const MAX_RATIO: u64 = 100;
+/// A tar.gz smaller than this is counted as this size for [`MAX_RATIO`]:
+/// tar pads each entry to 512 bytes and the archive to 10 KiB, so small
+/// honest ones compress well.
+const RATIO_FLOOR_BYTES: u64 = 1024 * 1024;
 /// Larger single files are skipped unread (no camera makes them).
 pub const MAX_IMAGE_BYTES: u64 = 256 * 1024 * 1024;
-/// Bound on the manifest, which is read whole.
-const MAX_MANIFEST_BYTES: u64 = 64 * 1024 * 1024;
+/// Bound on the manifests read, together: each is read whole. A row per
+/// entry at [`MAX_ENTRIES`] leaves each over 80 bytes.
+pub const MAX_MANIFEST_BYTES: u64 = 16 * 1024 * 1024;
+/// Bounds on the paths a listing holds: one path, its depth (each folder
+/// is held apart), and all of them together.
+pub const MAX_PATH_BYTES: usize = 1024;
+pub const MAX_PATH_DEPTH: usize = 16;
+pub const MAX_PATHS_BYTES: u64 = 64 * 1024 * 1024;
 pub const MANIFEST: &str = "labels.csv";
 
 const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"];
@@ -94,8 +112,7 @@ pub fn list(path: &Path) -> Result<Listing, DataError> {
     let kind = kind_of(path)?;
     let found = match kind {
         Kind::Zip => list_zip(path)?,
-        Kind::Tar => list_tar(std::fs::File::open(path)?)?,
-        Kind::TarGz => list_tar(flate2::read::GzDecoder::new(std::fs::File::open(path)?))?,
+        Kind::Tar | Kind::TarGz => list_tar(tar_stream(path, kind)?)?,
     };
     let Found {
         images,
@@ -134,16 +151,13 @@ impl Listing {
                 for (locator, index) in order {
                     let entry = zip.by_index(locator).map_err(corrupt)?;
                     let declared = entry.size();
-                    each(index, read_bounded(entry, declared));
+                    each(index, read_bounded(entry, declared).map_err(unreadable));
                 }
                 Ok(())
             }
-            Kind::Tar => read_tar_members(std::fs::File::open(path)?, &by_locator, each),
-            Kind::TarGz => read_tar_members(
-                flate2::read::GzDecoder::new(std::fs::File::open(path)?),
-                &by_locator,
-                each,
-            ),
+            Kind::Tar | Kind::TarGz => {
+                read_tar_members(tar_stream(path, self.kind)?, &by_locator, each)
+            }
         }
     }
 }
@@ -169,15 +183,80 @@ fn kind_of(path: &Path) -> Result<Kind, DataError> {
     }
 }
 
+/// The archive's tar stream, inflated for tar.gz, behind a [`TarGuard`]
+/// whose limit makes the whole inflation count against the archive's bounds.
+fn tar_stream(path: &Path, kind: Kind) -> Result<TarGuard<Box<dyn Read>>, DataError> {
+    let file = std::fs::File::open(path)?;
+    if kind != Kind::TarGz {
+        return Ok(TarGuard::new(Box::new(file), MAX_TOTAL_BYTES));
+    }
+    let compressed = file.metadata()?.len();
+    let limit = compressed
+        .max(RATIO_FLOOR_BYTES)
+        .saturating_mul(MAX_RATIO)
+        .min(MAX_TOTAL_BYTES);
+    Ok(TarGuard::new(
+        Box::new(flate2::read::GzDecoder::new(file)),
+        limit,
+    ))
+}
+
 /// Reads at most `declared` bytes: never more than the header said,
 /// whatever the stream holds.
-fn read_bounded(entry: impl Read, declared: u64) -> Result<Vec<u8>, String> {
+fn read_bounded(entry: impl Read, declared: u64) -> std::io::Result<Vec<u8>> {
     let mut bytes = Vec::with_capacity(declared.min(MAX_IMAGE_BYTES) as usize);
-    entry
-        .take(declared)
-        .read_to_end(&mut bytes)
-        .map(|_| bytes)
-        .map_err(|err| format!("unreadable in the archive: {err}"))
+    entry.take(declared).read_to_end(&mut bytes).map(|_| bytes)
+}
+
+fn unreadable(err: std::io::Error) -> String {
+    format!("unreadable in the archive: {err}")
+}
+
+/// Counts a manifest of `size` bytes against [`MAX_MANIFEST_BYTES`].
+fn count_manifest(name: &str, size: u64, read: &mut u64) -> Result<(), DataError> {
+    *read = read.saturating_add(size);
+    if *read <= MAX_MANIFEST_BYTES {
+        return Ok(());
+    }
+    Err(DataError::invalid(
+        "the manifest is too large",
+        vec![FieldError::new(
+            format!("file:{name}"),
+            format!("{size} bytes; manifests may hold at most {MAX_MANIFEST_BYTES} bytes in all"),
+        )],
+    ))
+}
+
+/// Counts a member's path against the bounds on the paths a listing holds.
+fn count_path(name: &str, held: &mut u64) -> Result<(), DataError> {
+    if name.len() > MAX_PATH_BYTES {
+        let end = (0..=64)
+            .rev()
+            .find(|&i| name.is_char_boundary(i))
+            .unwrap_or(0);
+        return Err(DataError::invalid(
+            "the archive has an over-long path",
+            vec![FieldError::new(
+                "file",
+                format!(
+                    "a path of {} bytes ({}…); at most {MAX_PATH_BYTES}",
+                    name.len(),
+                    &name[..end]
+                ),
+            )],
+        ));
+    }
+    *held += name.len() as u64;
+    if *held > MAX_PATHS_BYTES {
+        return Err(DataError::invalid(
+            "the archive's paths are too long together",
+            vec![FieldError::new(
+                "file",
+                format!("more than {MAX_PATHS_BYTES} bytes of paths"),
+            )],
+        ));
+    }
+    Ok(())
 }
 
 fn open_zip(path: &Path) -> Result<zip::ZipArchive<std::fs::File>, DataError> {
@@ -211,9 +290,9 @@ fn list_zip(path: &Path) -> Result<Found, DataError> {
         manifests: Vec::new(),
         skipped: Vec::new(),
     };
-    let mut unsafe_paths = Vec::new();
-    let mut bombs = Vec::new();
-    let mut total: u64 = 0;
+    let mut unsafe_paths = Problems::default();
+    let mut bombs = Problems::default();
+    let (mut total, mut held, mut manifest_bytes) = (0u64, 0, 0);
     let mut manifest_indices = Vec::new();
     for index in 0..zip.len() {
         let entry = zip.by_index_raw(index).map_err(corrupt)?;
@@ -221,6 +300,7 @@ fn list_zip(path: &Path) -> Result<Found, DataError> {
             continue;
         }
         let name = entry.name().to_string();
+        count_path(&name, &mut held)?;
         total = total.saturating_add(entry.size());
         if entry.size() > entry.compressed_size().max(1024).saturating_mul(MAX_RATIO) {
             bombs.push(FieldError::new(
@@ -242,40 +322,38 @@ fn list_zip(path: &Path) -> Result<Found, DataError> {
         }
         match sort_file(&name, entry.size(), &mut found.skipped) {
             Some(Sorted::Image(parts)) => found.images.push((index, parts)),
-            Some(Sorted::Manifest(parts)) => manifest_indices.push((index, parts)),
+            Some(Sorted::Manifest(parts)) => {
+                count_manifest(&name, entry.size(), &mut manifest_bytes)?;
+                manifest_indices.push((index, name, parts));
+            }
             None => {}
         }
     }
-    if !unsafe_paths.is_empty() {
-        return Err(DataError::invalid(
-            "the archive contains unsafe paths",
-            unsafe_paths,
-        ));
-    }
+    unsafe_paths.check("the archive contains unsafe paths")?;
     if total > MAX_TOTAL_BYTES {
         bombs.push(FieldError::new(
             "file",
             format!("{total} bytes uncompressed; at most {MAX_TOTAL_BYTES}"),
         ));
     }
-    if !bombs.is_empty() {
-        return Err(DataError::invalid(
-            "the archive expands beyond its limits",
-            bombs,
-        ));
-    }
-    for (index, parts) in manifest_indices {
+    bombs.check("the archive expands beyond its limits")?;
+    for (index, name, parts) in manifest_indices {
         let entry = zip.by_index(index).map_err(corrupt)?;
         let declared = entry.size();
-        let bytes = read_bounded(entry, declared).map_err(|reason| {
-            DataError::invalid(
-                "the manifest cannot be read",
-                vec![FieldError::new(format!("file:{}", parts.join("/")), reason)],
-            )
-        })?;
+        let bytes = read_bounded(entry, declared).map_err(|err| manifest_unreadable(&name, err))?;
         found.manifests.push((parts, bytes));
     }
     Ok(found)
+}
+
+fn manifest_unreadable(name: &str, err: std::io::Error) -> DataError {
+    if Refusal::of(&err).is_some() {
+        return broken_tar(err);
+    }
+    DataError::invalid(
+        "the manifest cannot be read",
+        vec![FieldError::new(format!("file:{name}"), unreadable(err))],
+    )
 }
 
 /// A tar stream's headers, bounded like a zip: entries, total bytes (which
@@ -287,14 +365,15 @@ fn list_tar(stream: impl Read) -> Result<Found, DataError> {
         manifests: Vec::new(),
         skipped: Vec::new(),
     };
-    let mut unsafe_paths = Vec::new();
-    let mut total: u64 = 0;
+    let mut unsafe_paths = Problems::default();
+    let (mut total, mut held, mut manifest_bytes) = (0u64, 0, 0);
     for (ordinal, entry) in archive.entries().map_err(broken_tar)?.enumerate() {
         let entry = entry.map_err(broken_tar)?;
         if ordinal >= MAX_ENTRIES {
             return Err(too_many_entries(format!("more than {MAX_ENTRIES} entries")));
         }
         let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        count_path(&name, &mut held)?;
         let kind = entry.header().entry_type();
         let escapes = name.starts_with('/') || name.split('/').any(|p| p == "..");
         if escapes || kind.is_symlink() || kind.is_hard_link() {
@@ -321,23 +400,15 @@ fn list_tar(stream: impl Read) -> Result<Found, DataError> {
             Some(Sorted::Image(parts)) => found.images.push((ordinal, parts)),
             Some(Sorted::Manifest(parts)) => {
                 let declared = entry.size();
-                let bytes = read_bounded(entry, declared).map_err(|reason| {
-                    DataError::invalid(
-                        "the manifest cannot be read",
-                        vec![FieldError::new(format!("file:{name}"), reason)],
-                    )
-                })?;
+                count_manifest(&name, declared, &mut manifest_bytes)?;
+                let bytes =
+                    read_bounded(entry, declared).map_err(|err| manifest_unreadable(&name, err))?;
                 found.manifests.push((parts, bytes));
             }
             None => {}
         }
     }
-    if !unsafe_paths.is_empty() {
-        return Err(DataError::invalid(
-            "the archive contains unsafe paths",
-            unsafe_paths,
-        ));
-    }
+    unsafe_paths.check("the archive contains unsafe paths")?;
     Ok(found)
 }
 
@@ -352,17 +423,29 @@ fn read_tar_members(
         let entry = entry.map_err(broken_tar)?;
         if let Some(&index) = by_locator.get(&ordinal) {
             let declared = entry.size();
-            each(index, read_bounded(entry, declared));
+            each(index, read_bounded(entry, declared).map_err(unreadable));
         }
     }
     Ok(())
 }
 
+/// A tar stream's error; the guard's refusals say which bound was hit.
 fn broken_tar(err: std::io::Error) -> DataError {
-    DataError::invalid(
-        "the tar archive is corrupt",
-        vec![FieldError::new("file", err.to_string())],
-    )
+    let (detail, reason) = match Refusal::of(&err) {
+        Some(Refusal::TooLong { limit }) if *limit < MAX_TOTAL_BYTES => (
+            "the archive expands beyond its limits",
+            format!(
+                "inflates past {limit} bytes, more than {MAX_RATIO} times its compressed size (archive bomb)"
+            ),
+        ),
+        Some(Refusal::TooLong { .. }) => (
+            "the archive expands beyond its limits",
+            format!("more than {MAX_TOTAL_BYTES} bytes uncompressed"),
+        ),
+        Some(refusal) => ("the tar archive has an unsupported entry", refusal.to_string()),
+        None => ("the tar archive is corrupt", err.to_string()),
+    };
+    DataError::invalid(detail, vec![FieldError::new("file", reason)])
 }
 
 enum Sorted {
@@ -377,15 +460,15 @@ fn sort_file(name: &str, size: u64, skipped: &mut Vec<Skipped>) -> Option<Sorted
     if parts.is_empty() || is_litter(&parts) {
         return None;
     }
+    if parts.len() > MAX_PATH_DEPTH {
+        skipped.push(Skipped::new(
+            name,
+            format!("nested deeper than {MAX_PATH_DEPTH} folders"),
+        ));
+        return None;
+    }
     let file = parts.last().expect("not empty");
     if file.eq_ignore_ascii_case(MANIFEST) && parts.len() <= 2 {
-        if size > MAX_MANIFEST_BYTES {
-            skipped.push(Skipped::new(
-                name,
-                format!("manifest larger than {MAX_MANIFEST_BYTES} bytes"),
-            ));
-            return None;
-        }
         return Some(Sorted::Manifest(parts));
     }
     let extension = file
@@ -461,7 +544,8 @@ fn classify(
 /// Labels from `labels.csv` rows `path,label[,split]` (a header row naming
 /// `path` is optional; paths are relative to the manifest's folder). Rows
 /// naming no image in the archive, or malformed, reject the upload; images
-/// the manifest does not list are skipped.
+/// the manifest does not list are skipped. Only the rows naming images are
+/// held, so a manifest of bad rows costs no more than its bytes.
 fn classify_by_manifest(
     images: Vec<(usize, Vec<String>)>,
     manifest_name: &str,
@@ -477,7 +561,7 @@ fn classify_by_manifest(
         .trim(csv::Trim::All)
         .from_reader(bytes);
     let mut members = Vec::new();
-    let mut errors = Vec::new();
+    let mut errors = Problems::default();
     let mut seen = HashSet::new();
     for (row, record) in reader.records().enumerate() {
         let line = row + 1;
@@ -518,29 +602,26 @@ fn classify_by_manifest(
             },
         };
         let path = path_parts(path).join("/");
-        if !seen.insert(path.clone()) {
-            errors.push(FieldError::new(at, format!("{path} is listed twice")));
-            continue;
-        }
         match by_path.remove(&path) {
-            Some(locator) => members.push(Member {
-                path,
-                class: label.to_string(),
-                split,
-                locator,
-            }),
+            Some(locator) => {
+                seen.insert(path.clone());
+                members.push(Member {
+                    path,
+                    class: label.to_string(),
+                    split,
+                    locator,
+                });
+            }
+            None if seen.contains(&path) => {
+                errors.push(FieldError::new(at, format!("{path} is listed twice")));
+            }
             None => errors.push(FieldError::new(
                 at,
                 format!("{path} is not an image in the archive"),
             )),
         }
     }
-    if !errors.is_empty() {
-        return Err(DataError::invalid(
-            format!("{manifest_name} does not match the archive"),
-            errors,
-        ));
-    }
+    errors.check(format!("{manifest_name} does not match the archive"))?;
     let mut skipped: Vec<Skipped> = by_path
         .into_keys()
         .map(|path| Skipped::new(&path, format!("not listed in {manifest_name}")))

@@ -14,17 +14,19 @@ use std::path::Path;
 use serde::Serialize;
 use tch::Tensor;
 
-use crate::error::FieldError;
+use crate::error::{FieldError, MAX_LISTED_ERRORS};
 use archive::GivenSplit;
 pub use stored::{TEST_FILE, TRAIN_FILE, VAL_FILE};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
-    /// The upload's content is unusable; every problem found is listed.
+    /// The upload's content is unusable; the problems found are listed,
+    /// those past [`MAX_LISTED_ERRORS`] only counted.
     #[error("{detail}")]
     Invalid {
         detail: String,
         errors: Vec<FieldError>,
+        omitted: usize,
     },
     #[error("dataset storage: {0}")]
     Io(#[from] std::io::Error),
@@ -37,7 +39,43 @@ impl DataError {
         Self::Invalid {
             detail: detail.into(),
             errors,
+            omitted: 0,
         }
+    }
+}
+
+/// Problems found in an upload as they are met: the first
+/// [`MAX_LISTED_ERRORS`] kept, the rest only counted, so that an archive of
+/// millions of bad rows costs no more memory than one of a hundred.
+#[derive(Debug, Default)]
+pub(crate) struct Problems {
+    listed: Vec<FieldError>,
+    omitted: usize,
+}
+
+impl Problems {
+    pub fn push(&mut self, error: FieldError) {
+        if self.listed.len() < MAX_LISTED_ERRORS {
+            self.listed.push(error);
+        } else {
+            self.omitted += 1;
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.listed.is_empty()
+    }
+
+    /// The problems as an error, or `Ok` when there are none.
+    pub fn check(self, detail: impl Into<String>) -> Result<(), DataError> {
+        if self.is_empty() {
+            return Ok(());
+        }
+        Err(DataError::Invalid {
+            detail: detail.into(),
+            errors: self.listed,
+            omitted: self.omitted,
+        })
     }
 }
 

@@ -5,7 +5,7 @@
 
 use std::fs::File;
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -47,9 +47,9 @@ impl Index {
     }
 
     pub fn write(&self, dir: &Path) -> std::io::Result<()> {
-        std::fs::write(
-            dir.join(INDEX_FILE),
-            serde_json::to_vec(self).map_err(std::io::Error::other)?,
+        crate::durable::write_bytes(
+            &dir.join(INDEX_FILE),
+            &serde_json::to_vec(self).map_err(std::io::Error::other)?,
         )
     }
 }
@@ -58,6 +58,9 @@ impl Index {
 /// known up front, so the header comes first).
 pub struct SplitWriter {
     out: BufWriter<File>,
+    /// Where the file goes once whole; it is written beside it until then.
+    path: PathBuf,
+    partial: PathBuf,
     expected: usize,
     image_bytes: usize,
     labels: Vec<i64>,
@@ -75,11 +78,14 @@ impl SplitWriter {
         // The data starts 8-byte aligned, as safetensors readers expect.
         let padded = header.len().div_ceil(8) * 8;
         let header = format!("{header:<padded$}");
-        let mut out = BufWriter::with_capacity(1 << 20, File::create(path)?);
+        let partial = path.with_extension("partial");
+        let mut out = BufWriter::with_capacity(1 << 20, File::create(&partial)?);
         out.write_all(&(header.len() as u64).to_le_bytes())?;
         out.write_all(header.as_bytes())?;
         Ok(Self {
             out,
+            path: path.to_path_buf(),
+            partial,
             expected: count,
             image_bytes: stored_bytes(side),
             labels: Vec::with_capacity(count),
@@ -109,7 +115,12 @@ impl SplitWriter {
         self.out
             .into_inner()
             .map_err(|e| e.into_error())?
-            .sync_all()
+            .sync_all()?;
+        std::fs::rename(&self.partial, &self.path)?;
+        match self.path.parent() {
+            Some(dir) => crate::durable::sync_dir(dir),
+            None => Ok(()),
+        }
     }
 }
 

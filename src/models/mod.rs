@@ -7,6 +7,7 @@ pub mod import;
 pub mod mobilenet_v2;
 pub mod resnet;
 pub mod script;
+pub mod script_ops;
 pub mod verify;
 
 use std::path::{Path, PathBuf};

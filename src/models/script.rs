@@ -34,6 +34,28 @@ pub enum Output {
     Logits,
 }
 
+impl Output {
+    pub const NAMES: [(&'static str, Output); 3] = [
+        ("auto", Output::Auto),
+        ("features", Output::Features),
+        ("logits", Output::Logits),
+    ];
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::NAMES
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, o)| *o)
+    }
+
+    pub fn name(self) -> &'static str {
+        Self::NAMES
+            .iter()
+            .find(|(_, o)| *o == self)
+            .map_or("auto", |(n, _)| n)
+    }
+}
+
 /// A run of parameters that freezes as one: every parameter under `prefix`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ScriptStage {
@@ -41,7 +63,7 @@ pub struct ScriptStage {
 }
 
 /// What inspecting an upload found.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Inspected {
     pub feature_dim: i64,
     pub parameters: i64,
@@ -123,26 +145,44 @@ fn pool(output: Tensor) -> Option<Tensor> {
     }
 }
 
-/// Checks the module at `upload` and writes it, with its `features`
-/// method, to `out` (which the caller removes if this fails).
+/// Checks the serialized module `upload` (its operations against the
+/// allowlist, then a forward pass) and returns it with its `features`
+/// method. Loading and running it executes the uploader's code: call this
+/// only inside the upload check's child process ([`crate::sandbox`]).
 pub fn inspect(
-    upload: &Path,
-    out: &Path,
+    upload: &[u8],
     image_size: i64,
     output: Output,
-) -> Result<Inspected, String> {
-    // Loaded once here for a clear error when the file is no module.
-    load(upload, Device::Cpu)?;
+) -> Result<(Inspected, Vec<u8>), Vec<String>> {
+    let operations = crate::native::script_operations(upload).map_err(|e| {
+        vec![format!(
+            "not a TorchScript module (save one with torch.jit.trace or torch.jit.script, then torch.jit.save): {e}"
+        )]
+    })?;
+    let refused = super::script_ops::refused(&operations);
+    if !refused.is_empty() {
+        return Err(refused);
+    }
+    inspect_allowed(upload, image_size, output).map_err(|reason| vec![reason])
+}
+
+fn inspect_allowed(
+    upload: &[u8],
+    image_size: i64,
+    output: Output,
+) -> Result<(Inspected, Vec<u8>), String> {
     let strip = output != Output::Features;
-    let removed_weight = match crate::native::add_features_method(upload, out, strip) {
-        Ok(removed) => removed,
+    let (stored, removed_weight) = match crate::native::add_features_method(upload, strip) {
+        Ok(done) => done,
         Err(reason) if output == Output::Auto && reason.contains("does not end with a linear") => {
-            crate::native::add_features_method(upload, out, false)?
+            crate::native::add_features_method(upload, false)?
         }
         Err(reason) => return Err(reason),
     };
     let removed_layer = removed_weight.map(|w| w.trim_end_matches(".weight").to_string());
-    let module = load(out, Device::Cpu)?;
+    let mut module = CModule::load_data_on_device(&mut std::io::Cursor::new(&stored), Device::Cpu)
+        .map_err(|e| e.to_string())?;
+    module.set_eval();
     let shape = probe(&module, image_size)?.size();
     if shape.len() != 2 || shape[1] < 1 {
         return Err(format!(
@@ -159,12 +199,13 @@ pub fn inspect(
         return Err("the module has no parameters to fine-tune".into());
     }
     let names: Vec<String> = params.iter().map(|(n, _)| n.clone()).collect();
-    Ok(Inspected {
+    let inspected = Inspected {
         feature_dim: shape[1],
         parameters: params.iter().map(|(_, t)| t.numel() as i64).sum(),
         stages: stages_from(&names),
         removed_layer,
-    })
+    };
+    Ok((inspected, stored))
 }
 
 /// Variable-name prefix of a TorchScript backbone's parameters in a

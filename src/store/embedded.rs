@@ -5,21 +5,42 @@
 //! port, so nothing can clash with another server) and keeps its data across
 //! restarts. Postgres refuses to run as root; when we are root the server
 //! commands run as the `postgres` system user, which owns the cluster.
+//!
+//! Every process on the data directory (`serve`, `worker`, the subcommands)
+//! shares the one cluster: `lock` decides who may stop it, `supervisor`
+//! starts it again when it dies under a serving process.
 
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 
 use anyhow::{bail, Context};
+
+mod lock;
+mod supervisor;
+
+pub use supervisor::{outage, Supervisor};
 
 const SUPERUSER: &str = "finetuned";
 const DATABASE: &str = "finetuned";
 const PORT: u16 = 5432;
 
+/// One process's use of the cluster. Several processes (`serve`, `worker`,
+/// the subcommands) share one cluster; only the one that started it stops
+/// it, and only once no other uses it (see `lock`).
 pub struct EmbeddedPostgres {
     dir: PathBuf,
     bin_dir: PathBuf,
     /// `Some(user)` when the server commands must run as another user.
     run_as: Option<String>,
+    /// Held shared for as long as this process uses the cluster.
+    users: File,
+    /// The postmaster this process started, the one it may stop.
+    started: Mutex<Option<u32>>,
+    /// Set by `stop`: a restart already under way must not follow it.
+    left: AtomicBool,
 }
 
 impl EmbeddedPostgres {
@@ -46,32 +67,21 @@ impl EmbeddedPostgres {
         } else {
             None
         };
+        let _control = lock::control(&dir).context("locking the embedded Postgres")?;
         let pg = Self {
+            users: lock::join(&dir).context("locking the embedded Postgres")?,
             dir,
             bin_dir,
             run_as,
+            started: Mutex::new(None),
+            left: AtomicBool::new(false),
         };
         pg.hand_over_dir()?;
         if !pg.dir.join("PG_VERSION").exists() {
             pg.initdb()?;
         }
-        if !pg.is_running() {
-            let log = pg.dir.join("server.log");
-            let opts = format!(
-                "-c listen_addresses='' -c unix_socket_directories='{}' -p {PORT}",
-                pg.dir.display()
-            );
-            pg.pg_ctl(&[
-                "start",
-                "-w",
-                "-t",
-                "60",
-                "-l",
-                &log.to_string_lossy(),
-                "-o",
-                &opts,
-            ])
-            .with_context(|| format!("starting the embedded Postgres (see {})", log.display()))?;
+        if postmaster_pid(&pg.dir).is_none() {
+            *pg.started.lock().unwrap() = Some(pg.launch()?);
         }
         pg.ensure_database()?;
         Ok(pg)
@@ -94,20 +104,70 @@ impl EmbeddedPostgres {
         &self.dir
     }
 
-    /// Stops the server, waiting for it to shut down cleanly.
+    /// Starts the server again if it died; `true` when this call did (this
+    /// process then owns it), `false` when it was running.
+    pub fn ensure_running(&self) -> anyhow::Result<bool> {
+        if postmaster_pid(&self.dir).is_some() {
+            return Ok(false);
+        }
+        let _control = lock::control(&self.dir).context("locking the embedded Postgres")?;
+        if self.left.load(Ordering::SeqCst) || postmaster_pid(&self.dir).is_some() {
+            return Ok(false);
+        }
+        *self.started.lock().unwrap() = Some(self.launch()?);
+        Ok(true)
+    }
+
+    /// Ends this process's use of the cluster (call once, last): stops the
+    /// server, waiting for a clean shutdown, if this process started it (or
+    /// was handed it) and no other process uses it. A starter leaving before
+    /// the others hands the server on to them instead.
     pub fn stop(&self) -> anyhow::Result<()> {
-        if self.is_running() {
-            self.pg_ctl(&["stop", "-w", "-m", "fast"])?;
+        let _control = lock::control(&self.dir).context("locking the embedded Postgres")?;
+        self.left.store(true, Ordering::SeqCst);
+        let running = postmaster_pid(&self.dir);
+        let ours = running.is_some()
+            && (running == *self.started.lock().unwrap()
+                || running == lock::handed_over(&self.dir));
+        let alone = lock::leave(&self.users)?;
+        match (running, ours, alone) {
+            (Some(_), true, true) => {
+                self.pg_ctl(&["stop", "-w", "-m", "fast"])?;
+                lock::clear_hand_over(&self.dir);
+            }
+            (Some(pid), true, false) => {
+                tracing::info!(
+                    "other processes use the embedded Postgres: leaving it running for them"
+                );
+                lock::hand_over(&self.dir, pid)?;
+            }
+            _ => {}
         }
         Ok(())
     }
 
-    fn is_running(&self) -> bool {
-        self.command("pg_ctl")
-            .args(["status", "-D"])
-            .arg(&self.dir)
-            .output()
-            .is_ok_and(|out| out.status.success())
+    /// Runs `pg_ctl start` (under the start lock) and returns the new
+    /// postmaster's pid.
+    fn launch(&self) -> anyhow::Result<u32> {
+        lock::clear_hand_over(&self.dir);
+        let log = self.dir.join("server.log");
+        let opts = format!(
+            "-c listen_addresses='' -c unix_socket_directories='{}' -p {PORT}",
+            self.dir.display()
+        );
+        self.pg_ctl(&[
+            "start",
+            "-w",
+            "-t",
+            "60",
+            "-l",
+            &log.to_string_lossy(),
+            "-o",
+            &opts,
+        ])
+        .with_context(|| format!("starting the embedded Postgres (see {})", log.display()))?;
+        postmaster_pid(&self.dir)
+            .context("the embedded Postgres started but left no postmaster.pid")
     }
 
     fn initdb(&self) -> anyhow::Result<()> {
@@ -202,6 +262,27 @@ impl EmbeddedPostgres {
         }
         Ok(())
     }
+}
+
+/// The pid of the cluster's live postmaster, from its `postmaster.pid`.
+fn postmaster_pid(dir: &Path) -> Option<u32> {
+    let text = std::fs::read_to_string(dir.join("postmaster.pid")).ok()?;
+    let pid: i32 = text.lines().next()?.trim().parse().ok()?;
+    if pid <= 0 {
+        return None;
+    }
+    let exists = unsafe { libc::kill(pid, 0) } == 0
+        || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+    // A killed postmaster stays a zombie while its parent (often the
+    // container's init) does not reap it.
+    let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let state = stat.rsplit_once(')')?.1.trim_start().chars().next()?;
+            Some(matches!(state, 'Z' | 'X'))
+        })
+        .unwrap_or(false);
+    (exists && !zombie).then_some(pid as u32)
 }
 
 /// Finds initdb/pg_ctl: on PATH, else the newest /usr/lib/postgresql/N/bin.

@@ -1,9 +1,12 @@
 //! `epoch_metrics` and `checkpoints`: the record of each training epoch.
+//! Workers write them under their lease ([`jobs::fence`]).
 
 use serde::{Deserialize, Serialize};
 use sqlx::types::Json;
 use sqlx::PgPool;
 use uuid::Uuid;
+
+use super::jobs::{self, Lease};
 
 /// Precision, recall and F1 of one class on the validation split.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -37,13 +40,20 @@ pub struct EpochMetrics {
     pub confusion_matrix: Json<Vec<Vec<i64>>>,
 }
 
-/// Records an epoch; a retried attempt overwrites the epoch it repeats.
+/// Records an epoch and makes it the job's last (whose checkpoint the next
+/// attempt resumes from); a retried attempt overwrites the epoch it repeats.
+/// `false`: the lease is lost, and nothing was written.
 pub async fn record_epoch(
     pool: &PgPool,
-    job_id: Uuid,
+    lease: &Lease,
     run_id: Uuid,
     m: &EpochMetrics,
-) -> sqlx::Result<()> {
+) -> sqlx::Result<bool> {
+    let mut tx = jobs::begin(pool).await?;
+    let Some(mut fenced) = jobs::fence(&mut tx, lease).await? else {
+        return Ok(false);
+    };
+    let job_id = fenced.job_id();
     sqlx::query(
         "INSERT INTO epoch_metrics (job_id, epoch, run_id, train_loss, train_accuracy, val_loss,
              val_accuracy, val_macro_f1, top_k, val_top_k_accuracy, learning_rate, frozen_stages,
@@ -74,14 +84,15 @@ pub async fn record_epoch(
     .bind(m.seconds)
     .bind(&m.per_class)
     .bind(&m.confusion_matrix)
-    .execute(pool)
+    .execute(&mut *fenced)
     .await?;
     sqlx::query("UPDATE jobs SET epoch = $2, progress = NULL, updated_at = now() WHERE id = $1")
         .bind(job_id)
         .bind(m.epoch)
-        .execute(pool)
+        .execute(&mut *fenced)
         .await?;
-    Ok(())
+    tx.commit().await?;
+    Ok(true)
 }
 
 const COLUMNS: &str =
@@ -110,19 +121,25 @@ pub async fn epoch(pool: &PgPool, job_id: Uuid, epoch: i32) -> sqlx::Result<Opti
     .await
 }
 
-/// Records a new best checkpoint: it becomes the job's only `is_best` one.
+/// Records a new best checkpoint, once its file is durable: it becomes the
+/// job's only `is_best` one. `false`: the lease is lost, and nothing was
+/// written.
 pub async fn record_best_checkpoint(
     pool: &PgPool,
-    job_id: Uuid,
+    lease: &Lease,
     run_id: Uuid,
     epoch: i32,
     artifact_key: &str,
     metric: f64,
-) -> sqlx::Result<()> {
-    let mut tx = pool.begin().await?;
+) -> sqlx::Result<bool> {
+    let mut tx = jobs::begin(pool).await?;
+    let Some(mut fenced) = jobs::fence(&mut tx, lease).await? else {
+        return Ok(false);
+    };
+    let job_id = fenced.job_id();
     sqlx::query("UPDATE checkpoints SET is_best = false WHERE job_id = $1 AND is_best")
         .bind(job_id)
-        .execute(&mut *tx)
+        .execute(&mut *fenced)
         .await?;
     sqlx::query(
         "INSERT INTO checkpoints (id, job_id, run_id, epoch, artifact_key, metric, is_best)
@@ -134,7 +151,7 @@ pub async fn record_best_checkpoint(
     .bind(epoch)
     .bind(artifact_key)
     .bind(metric)
-    .execute(&mut *tx)
+    .execute(&mut *fenced)
     .await?;
     sqlx::query(
         "UPDATE jobs SET best_epoch = $2, best_metric = $3, updated_at = now() WHERE id = $1",
@@ -142,7 +159,8 @@ pub async fn record_best_checkpoint(
     .bind(job_id)
     .bind(epoch)
     .bind(metric)
-    .execute(&mut *tx)
+    .execute(&mut *fenced)
     .await?;
-    tx.commit().await
+    tx.commit().await?;
+    Ok(true)
 }

@@ -6,6 +6,7 @@
 pub mod backbones;
 pub mod datasets;
 pub mod embedded;
+pub mod job_changes;
 pub mod jobs;
 pub mod keys;
 pub mod metrics;

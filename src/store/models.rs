@@ -7,6 +7,8 @@ use sqlx::types::Json;
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use super::jobs::Fenced;
+
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct ModelRow {
     pub id: Uuid,
@@ -48,7 +50,8 @@ pub struct NewModel<'a> {
     pub metrics: Value,
 }
 
-pub async fn insert(tx: &mut sqlx::PgConnection, new: NewModel<'_>) -> sqlx::Result<Uuid> {
+/// Records the model of the fenced job (the worker holding its lease).
+pub async fn insert(fenced: &mut Fenced<'_>, new: NewModel<'_>) -> sqlx::Result<Uuid> {
     let id = Uuid::new_v4();
     sqlx::query(
         "INSERT INTO models (id, job_id, dataset_id, backbone, labels, image_size, normalization,
@@ -66,7 +69,7 @@ pub async fn insert(tx: &mut sqlx::PgConnection, new: NewModel<'_>) -> sqlx::Res
     .bind(new.epoch)
     .bind(Json(new.metrics))
     .bind(new.stored_size)
-    .execute(tx)
+    .execute(&mut **fenced)
     .await?;
     Ok(id)
 }
@@ -116,15 +119,18 @@ pub async fn deploy(pool: &PgPool, model_id: Uuid, alias: &str) -> sqlx::Result<
     Ok(previous)
 }
 
-/// Deploys a new model as the default when no model is deployed yet, so the
-/// first trained model serves `/predict` right away.
-pub async fn deploy_if_first(tx: &mut sqlx::PgConnection, model_id: Uuid) -> sqlx::Result<()> {
+/// Deploys the fenced job's new model as the default when no model is
+/// deployed yet, so the first trained model serves `/predict` right away.
+pub async fn deploy_if_first(fenced: &mut Fenced<'_>, model_id: Uuid) -> sqlx::Result<()> {
     sqlx::query(
-        "INSERT INTO deployments (alias, model_id) VALUES ($1, $2) ON CONFLICT (alias) DO NOTHING",
+        "INSERT INTO deployments (alias, model_id)
+         SELECT $1, id FROM models WHERE id = $2 AND job_id = $3
+         ON CONFLICT (alias) DO NOTHING",
     )
     .bind(DEFAULT_ALIAS)
     .bind(model_id)
-    .execute(tx)
+    .bind(fenced.job_id())
+    .execute(&mut **fenced)
     .await?;
     Ok(())
 }

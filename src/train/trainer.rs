@@ -67,7 +67,12 @@ pub enum TrainEvent {
         /// Estimated seconds to the end of the last epoch.
         eta_seconds: f64,
     },
-    /// An epoch finished; its metrics.
+    /// The epoch's checkpoints are about to be written. Like every event but
+    /// `Progress`, the callback returns once the worker has dealt with it; a
+    /// worker that no longer holds the job sets `stop` first, so a superseded
+    /// attempt writes no file the job's current attempt reads.
+    Checkpointing { epoch: i64 },
+    /// An epoch finished and its checkpoint is saved; its metrics.
     Epoch(EpochMetrics),
     /// The best checkpoint now holds this epoch's weights.
     NewBest { epoch: i32, metric: f64 },
@@ -228,9 +233,7 @@ fn train_inner(
         let (mut loss_sum, mut correct) = (0.0, 0i64);
         let mut lr = cfg.learning_rate;
         for step in 0..steps {
-            if stop.load(Ordering::Relaxed) {
-                return Err(TrainError::Stopped);
-            }
+            still_going(stop)?;
             let start = step * cfg.batch_size;
             let len = cfg.batch_size.min(n_train - start);
             lr = cfg.learning_rate * cfg.lr_factor((epoch - 1) as f64 + step as f64 / steps as f64);
@@ -311,10 +314,14 @@ fn train_inner(
         };
         let value = selection_value(cfg, &metrics);
         let improved = best.is_none_or(|(_, b)| cfg.selection_metric.improves(value, b));
+        on_event(TrainEvent::Checkpointing { epoch });
+        still_going(stop)?;
         save_checkpoint(&vs, &epoch_checkpoint(&spec.job_dir, epoch))?;
         let _ = std::fs::remove_file(epoch_checkpoint(&spec.job_dir, epoch - 2));
         on_event(TrainEvent::Epoch(metrics));
         if improved {
+            // Not over the best checkpoint of an attempt that took the job over.
+            still_going(stop)?;
             save_checkpoint(&vs, &spec.job_dir.join(BEST_CHECKPOINT))?;
             best = Some((epoch as i32, value));
             since_best = 0;
@@ -575,20 +582,25 @@ fn channels_last(t: &Tensor) -> Tensor {
     t.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
 }
 
-/// Writes the checkpoint beside its final name and renames it into place,
-/// so a reader never sees half a file. Tensors are written in the standard
-/// layout whatever the training layout.
-fn save_checkpoint(vs: &nn::VarStore, path: &Path) -> Result<(), TrainError> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+/// `Stopped` once the worker asked the thread to stop.
+fn still_going(stop: &AtomicBool) -> Result<(), TrainError> {
+    if stop.load(Ordering::Relaxed) {
+        return Err(TrainError::Stopped);
     }
-    let partial = path.with_extension("partial.safetensors");
+    Ok(())
+}
+
+/// Writes the checkpoint whole or not at all (durably: a reader never sees
+/// half a file, even after a power loss). Tensors are written in the
+/// standard layout whatever the training layout.
+fn save_checkpoint(vs: &nn::VarStore, path: &Path) -> Result<(), TrainError> {
     let tensors: Vec<(String, Tensor)> = vs
         .variables()
         .into_iter()
         .map(|(name, t)| (name, t.contiguous()))
         .collect();
-    Tensor::write_safetensors(&tensors, &partial)?;
-    std::fs::rename(&partial, path)?;
+    crate::durable::write_with(path, |partial| {
+        Tensor::write_safetensors(&tensors, partial).map_err(std::io::Error::other)
+    })?;
     Ok(())
 }

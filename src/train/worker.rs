@@ -3,18 +3,23 @@
 //! The async side claims a job, holds its lease by heartbeat, watches for
 //! cancellation and writes progress to Postgres; the training itself runs on
 //! a dedicated OS thread that owns every tensor and reports through a channel.
+//!
+//! Every write for a job is fenced by the attempt's lease ([`jobs::Lease`]):
+//! once a write is refused or the heartbeat fails past the lease, the thread
+//! is stopped at its next batch and the worker writes nothing more for the
+//! job, as another attempt may own it by then.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde_json::json;
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
 use tch::Device;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::Instrument;
 use uuid::Uuid;
 
@@ -25,7 +30,8 @@ use super::trainer::{
 use crate::artifacts::Artifacts;
 use crate::data::preprocess::Normalization;
 use crate::models;
-use crate::store::{self, datasets, jobs};
+use crate::store::jobs::{self, Lease};
+use crate::store::{self, datasets};
 use crate::telemetry;
 
 /// File name of the labels and preprocessing facts beside the checkpoint.
@@ -60,11 +66,15 @@ pub enum Outcome {
 }
 
 /// Why a training thread was told to stop.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum StopReason {
     Cancelled,
     Shutdown,
+    /// The lease passed to another attempt or expired: nothing more may be
+    /// written for the job.
     LeaseLost,
+    /// Recording progress failed past the retry window.
+    WriteFailed,
 }
 
 impl Worker {
@@ -81,6 +91,9 @@ impl Worker {
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen(store::JOBS_CHANNEL).await?;
         tracing::info!(worker = %self.id, device = %models::device_name(self.device), "worker started");
+        // On a timer, not only between jobs: a lost worker's job goes back to
+        // the queue even while every worker here is busy.
+        let reaper = tokio::spawn(reap_every(self.pool.clone(), reap_period(self.lease)));
         while !*shutdown.borrow() {
             if let Err(err) = jobs::worker_seen(&self.pool, &self.id).await {
                 tracing::warn!(error = %err, "recording the worker's heartbeat failed");
@@ -102,6 +115,7 @@ impl Worker {
                 _ = shutdown.changed() => {}
             }
         }
+        reaper.abort();
         tracing::info!(worker = %self.id, "worker stopped");
         Ok(())
     }
@@ -111,41 +125,51 @@ impl Worker {
         &self,
         shutdown: Option<&watch::Receiver<bool>>,
     ) -> anyhow::Result<Outcome> {
-        let reaped = jobs::reap_expired(&self.pool).await?;
-        if reaped > 0 {
-            tracing::warn!(
-                count = reaped,
-                "failed jobs whose workers were lost on their last attempt"
-            );
-        }
+        reap(&self.pool).await?;
+        // The lease runs from the claim (a local bound on when it expires).
+        let claimed_at = Instant::now();
         let Some(job) = jobs::claim(&self.pool, &self.id, self.lease.as_secs_f64()).await? else {
             return Ok(Outcome::Idle);
         };
         metrics::counter!(telemetry::JOBS_STARTED).increment(1);
         let span = tracing::info_span!("job", job_id = %job.id, attempt = job.attempts);
-        self.run_claimed(job, shutdown).instrument(span).await
+        self.run_claimed(job, claimed_at, shutdown)
+            .instrument(span)
+            .await
     }
 
     async fn run_claimed(
         &self,
         job: jobs::JobRow,
+        claimed_at: Instant,
         shutdown: Option<&watch::Receiver<bool>>,
     ) -> anyhow::Result<Outcome> {
+        let lease = job.lease(&self.id);
         let prepared = self.prepare(&job).await;
         let resumed_from = prepared
             .as_ref()
             .ok()
             .and_then(|(spec, _)| spec.resume.as_ref().map(|r| r.epoch));
         let device = models::device_name(self.device);
-        let run_id = jobs::start_run(&self.pool, &job, &self.id, &device, resumed_from).await?;
-        tracing::info!(resumed_from, "claimed");
-        let result = match prepared {
-            Ok((spec, card)) => self.train(&job, run_id, spec, card, shutdown).await,
-            Err(err) => Err(RunError::Failed(format!("{err:#}"))),
+        let status = match jobs::start_run(&self.pool, &lease, &device, resumed_from).await? {
+            None => {
+                tracing::warn!("the lease was lost before the run started: nothing written");
+                "lost"
+            }
+            Some(run_id) => {
+                tracing::info!(resumed_from, "claimed");
+                let result = match prepared {
+                    Ok((spec, card)) => {
+                        self.train(&lease, claimed_at, run_id, spec, card, shutdown)
+                            .await
+                    }
+                    Err(err) => Err(RunError::Failed(format!("{err:#}"))),
+                };
+                // Retried while Postgres is unreachable: the outcome is not
+                // lost to a database restart.
+                store::retry(DB_PATIENCE, || self.conclude(&job, &lease, run_id, &result)).await?
+            }
         };
-        // Retried while Postgres is unreachable: the outcome is not lost to
-        // a database restart.
-        let status = store::retry(DB_PATIENCE, || self.conclude(&job, run_id, &result)).await?;
         metrics::counter!(telemetry::JOBS_ENDED, "status" => status).increment(1);
         tracing::info!(status, "job ended");
         Ok(Outcome::Ran {
@@ -204,26 +228,27 @@ impl Worker {
     }
 
     /// Runs the training thread, recording its events, renewing the lease and
-    /// watching for cancellation and shutdown until it ends.
+    /// watching for cancellation and shutdown until the thread has ended:
+    /// whatever the outcome, no training thread outlives this call.
     async fn train(
         &self,
-        job: &jobs::JobRow,
+        lease: &Lease,
+        claimed_at: Instant,
         run_id: Uuid,
         spec: TrainSpec,
         card: ModelCard,
         shutdown: Option<&watch::Receiver<bool>>,
     ) -> Result<Finished, RunError> {
-        let stop = Arc::new(AtomicBool::new(false));
+        let mut stopper = Stopper::default();
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let thread_stop = stop.clone();
+        let thread_stop = stopper.flag.clone();
         let job_dir = spec.job_dir.clone();
         std::thread::Builder::new()
-            .name(format!("train-{}", job.id))
+            .name(format!("train-{}", lease.job_id))
             .spawn(move || {
                 let events = tx.clone();
-                let result = trainer::train(&spec, &thread_stop, &mut |event| {
-                    let _ = events.send(Message::Event(event));
-                });
+                let result =
+                    trainer::train(&spec, &thread_stop, &mut |event| report(&events, event));
                 let _ = tx.send(Message::Done(result));
             })
             .map_err(|err| {
@@ -231,72 +256,117 @@ impl Worker {
             })?;
 
         let mut heartbeat = tokio::time::interval(self.lease / 3);
+        let mut renewed_at = claimed_at;
         let mut cancel_poll = tokio::time::interval(CANCEL_POLL);
         let mut shutdown = shutdown.cloned();
-        let mut stopped: Option<StopReason> = None;
-        let request_stop = |reason: StopReason, stopped: &mut Option<StopReason>| {
-            if stopped.is_none() {
-                tracing::info!(
-                    reason = reason_name(reason),
-                    "stopping training at the next batch"
-                );
-                *stopped = Some(reason);
-                stop.store(true, Ordering::Relaxed);
-            }
-        };
+        // A write that failed for good: the job's outcome once the thread stops.
+        let mut failure: Option<RunError> = None;
         loop {
+            let lost = stopper.reason == Some(StopReason::LeaseLost);
             tokio::select! {
                 message = rx.recv() => match message {
-                    Some(Message::Event(event)) => self.record(job, run_id, event).await?,
-                    Some(Message::Done(Ok(summary))) => {
-                        write_model_card(&job_dir, &card).map_err(|e| RunError::Failed(e.to_string()))?;
-                        let key = Artifacts::job_key(job.id);
-                        for file in [BEST_CHECKPOINT, MODEL_CARD_FILE] {
-                            self.artifacts.publish(&format!("{key}/{file}")).await.map_err(|err| {
-                                RunError::Failed(format!("publishing the model failed: {err}"))
-                            })?;
+                    Some(Message::Event(event, handled)) => {
+                        if !lost && failure.is_none() {
+                            match self.record(lease, run_id, event).await {
+                                Ok(()) => {}
+                                Err(RunError::Stopped(reason)) => stopper.request(reason),
+                                Err(err) => {
+                                    stopper.request(StopReason::WriteFailed);
+                                    failure = Some(err);
+                                }
+                            }
                         }
-                        return Ok(Finished { summary, card });
+                        // Only now (the stop flag raised if need be) does the
+                        // thread go on to write its next file.
+                        drop(handled);
                     }
-                    Some(Message::Done(Err(TrainError::Stopped))) | None => {
-                        return Err(RunError::Stopped(stopped.unwrap_or(StopReason::Shutdown)));
+                    Some(Message::Done(result)) => {
+                        return self.ended(lease, &job_dir, card, result, failure, stopper.reason).await;
                     }
-                    Some(Message::Done(Err(err))) => return Err(RunError::Failed(err.to_string())),
+                    None => return Err(RunError::Stopped(stopper.reason.unwrap_or(StopReason::Shutdown))),
                 },
-                _ = heartbeat.tick() => {
+                _ = heartbeat.tick(), if !lost => {
                     metrics::counter!(telemetry::WORKER_HEARTBEATS, "worker" => self.id.clone()).increment(1);
-                    match jobs::heartbeat(&self.pool, job.id, &self.id, self.lease.as_secs_f64()).await {
-                        Ok(true) => {}
-                        Ok(false) => request_stop(StopReason::LeaseLost, &mut stopped),
+                    let sent = Instant::now();
+                    match jobs::heartbeat(&self.pool, lease, self.lease.as_secs_f64()).await {
+                        Ok(true) => renewed_at = sent,
+                        Ok(false) => stopper.request(StopReason::LeaseLost),
+                        // The lease may already be another worker's.
+                        Err(err) if renewed_at.elapsed() >= self.lease => {
+                            tracing::warn!(error = %err, "heartbeat failing past the lease");
+                            stopper.request(StopReason::LeaseLost);
+                        }
                         Err(err) => tracing::warn!(error = %err, "heartbeat failed; retrying"),
                     }
                 }
-                _ = cancel_poll.tick(), if stopped.is_none() => {
-                    if jobs::cancel_requested(&self.pool, job.id).await.unwrap_or(false) {
-                        request_stop(StopReason::Cancelled, &mut stopped);
+                _ = cancel_poll.tick(), if stopper.reason.is_none() => {
+                    if jobs::cancel_requested(&self.pool, lease.job_id).await.unwrap_or(false) {
+                        stopper.request(StopReason::Cancelled);
                     }
                 }
                 _ = wait_for_shutdown(&mut shutdown) => {
-                    request_stop(StopReason::Shutdown, &mut stopped);
+                    stopper.request(StopReason::Shutdown);
                     shutdown = None;
                 }
             }
         }
     }
 
-    async fn record(
+    /// What a run came to once its thread ended. A finished run's model card
+    /// is written and published only while the lease still holds.
+    async fn ended(
         &self,
-        job: &jobs::JobRow,
-        run_id: Uuid,
-        event: TrainEvent,
-    ) -> Result<(), RunError> {
-        let stored = match event {
+        lease: &Lease,
+        job_dir: &std::path::Path,
+        card: ModelCard,
+        result: Result<TrainSummary, TrainError>,
+        failure: Option<RunError>,
+        stopped: Option<StopReason>,
+    ) -> Result<Finished, RunError> {
+        if let Some(err) = failure {
+            return Err(err);
+        }
+        let summary = match result {
+            // Finished before it saw the stop: the job is another attempt's.
+            Ok(_) if stopped == Some(StopReason::LeaseLost) => {
+                return Err(RunError::Stopped(StopReason::LeaseLost))
+            }
+            Ok(summary) => summary,
+            Err(TrainError::Stopped) => {
+                let reason = stopped.unwrap_or(StopReason::Shutdown);
+                tracing::info!(reason = reason.name(), "training thread stopped");
+                return Err(RunError::Stopped(reason));
+            }
+            Err(err) => return Err(RunError::Failed(err.to_string())),
+        };
+        let held = store::retry(DB_PATIENCE, || jobs::holds(&self.pool, lease))
+            .await
+            .map_err(|err| RunError::Failed(format!("checking the lease failed: {err}")))?;
+        if !held {
+            return Err(RunError::Stopped(StopReason::LeaseLost));
+        }
+        write_model_card(job_dir, &card).map_err(|e| RunError::Failed(e.to_string()))?;
+        let key = Artifacts::job_key(lease.job_id);
+        for file in [BEST_CHECKPOINT, MODEL_CARD_FILE] {
+            self.artifacts
+                .publish(&format!("{key}/{file}"))
+                .await
+                .map_err(|err| RunError::Failed(format!("publishing the model failed: {err}")))?;
+        }
+        Ok(Finished { summary, card })
+    }
+
+    /// Records one event under the lease. `Stopped(LeaseLost)`: the write was
+    /// refused, as the lease passed to another attempt or expired.
+    async fn record(&self, lease: &Lease, run_id: Uuid, event: TrainEvent) -> Result<(), RunError> {
+        let pool = &self.pool;
+        let written = match event {
             TrainEvent::Started {
                 cached_features,
                 precision,
             } => {
                 store::retry(DB_PATIENCE, || {
-                    jobs::set_run_started(&self.pool, run_id, cached_features, precision.name())
+                    jobs::set_run_started(pool, lease, run_id, cached_features, precision.name())
                 })
                 .await
             }
@@ -312,9 +382,12 @@ impl Worker {
                     "images_per_second": images_per_second, "eta_seconds": eta_seconds,
                 });
                 store::retry(DB_PATIENCE, || {
-                    jobs::set_progress(&self.pool, job.id, &self.id, &progress)
+                    jobs::set_progress(pool, lease.job_id, &lease.worker, &progress)
                 })
                 .await
+            }
+            TrainEvent::Checkpointing { .. } => {
+                store::retry(DB_PATIENCE, || jobs::holds(pool, lease)).await
             }
             TrainEvent::Epoch(m) => {
                 metrics::gauge!(telemetry::TRAIN_IMAGES_PER_SECOND, "worker" => self.id.clone())
@@ -327,24 +400,27 @@ impl Worker {
                     train_loss = m.train_loss,
                     "epoch done"
                 );
+                // The row names the checkpoint the next attempt resumes from:
+                // written once that file is published.
                 let epoch = i64::from(m.epoch);
+                self.publish_epoch(lease.job_id, epoch).await?;
                 let recorded = store::retry(DB_PATIENCE, || {
-                    store::metrics::record_epoch(&self.pool, job.id, run_id, &m)
+                    store::metrics::record_epoch(pool, lease, run_id, &m)
                 })
                 .await;
-                self.publish_epoch(job.id, epoch).await?;
+                if let Ok(true) = recorded {
+                    self.unpublish_epoch(lease.job_id, epoch - 2).await?;
+                }
                 recorded
             }
             TrainEvent::NewBest { epoch, metric } => {
-                let key = format!("{}/{BEST_CHECKPOINT}", Artifacts::job_key(job.id));
+                let key = format!("{}/{BEST_CHECKPOINT}", Artifacts::job_key(lease.job_id));
                 self.artifacts
                     .publish(&key)
                     .await
                     .map_err(|err| RunError::Failed(format!("publishing {key} failed: {err}")))?;
                 store::retry(DB_PATIENCE, || {
-                    store::metrics::record_best_checkpoint(
-                        &self.pool, job.id, run_id, epoch, &key, metric,
-                    )
+                    store::metrics::record_best_checkpoint(pool, lease, run_id, epoch, &key, metric)
                 })
                 .await
             }
@@ -353,53 +429,70 @@ impl Worker {
                     epoch,
                     "early stopping: the selection metric stopped improving"
                 );
-                Ok(())
+                Ok(true)
             }
         };
-        stored.map_err(|err| RunError::Failed(format!("recording progress failed: {err}")))
+        match written {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(RunError::Stopped(StopReason::LeaseLost)),
+            Err(err) => Err(RunError::Failed(format!(
+                "recording progress failed: {err}"
+            ))),
+        }
     }
 
     /// Publishes an epoch's checkpoint, so an attempt on another host can
-    /// resume from it, and withdraws the one the trainer no longer keeps.
+    /// resume from it.
     async fn publish_epoch(&self, job_id: Uuid, epoch: i64) -> Result<(), RunError> {
-        let job_dir = Artifacts::job_key(job_id);
-        let key = |epoch| {
-            let file = trainer::epoch_checkpoint(std::path::Path::new(&job_dir), epoch);
-            file.to_string_lossy().into_owned()
-        };
-        let failed = |err| {
-            RunError::Failed(format!(
-                "publishing the epoch {epoch} checkpoint failed: {err}"
-            ))
-        };
         self.artifacts
-            .publish_if_present(&key(epoch))
+            .publish_if_present(&epoch_key(job_id, epoch))
             .await
-            .map_err(failed)?;
-        self.artifacts
-            .unpublish(&key(epoch - 2))
-            .await
-            .map_err(failed)
+            .map_err(|err| {
+                RunError::Failed(format!(
+                    "publishing the epoch {epoch} checkpoint failed: {err}"
+                ))
+            })
     }
 
-    /// Writes the job's final state. Returns its status.
+    /// Withdraws a checkpoint the trainer no longer keeps.
+    async fn unpublish_epoch(&self, job_id: Uuid, epoch: i64) -> Result<(), RunError> {
+        self.artifacts
+            .unpublish(&epoch_key(job_id, epoch))
+            .await
+            .map_err(|err| {
+                RunError::Failed(format!(
+                    "withdrawing the epoch {epoch} checkpoint failed: {err}"
+                ))
+            })
+    }
+
+    /// Writes the job's final state, in one transaction fenced by the lease;
+    /// a worker that lost it writes nothing. Returns the job's status.
     async fn conclude(
         &self,
         job: &jobs::JobRow,
+        lease: &Lease,
         run_id: Uuid,
         result: &Result<Finished, RunError>,
     ) -> anyhow::Result<&'static str> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = jobs::begin(&self.pool).await?;
+        let Some(mut fenced) = jobs::fence(&mut tx, lease).await? else {
+            tracing::warn!(
+                "the lease passed to another attempt or expired: this worker writes nothing more for the job"
+            );
+            return Ok("lost");
+        };
+        let (id, worker) = (lease.job_id, lease.worker.as_str());
         let status = match result {
             Ok(Finished { summary, card }) => {
-                let best = store::metrics::epoch(&self.pool, job.id, summary.best_epoch)
+                let best = store::metrics::epoch(&self.pool, id, summary.best_epoch)
                     .await?
                     .context("the best epoch's metrics are missing")?;
-                let key = format!("{}/{BEST_CHECKPOINT}", Artifacts::job_key(job.id));
+                let key = format!("{}/{BEST_CHECKPOINT}", Artifacts::job_key(id));
                 let model_id = store::models::insert(
-                    &mut tx,
+                    &mut fenced,
                     store::models::NewModel {
-                        job_id: job.id,
+                        job_id: id,
                         dataset_id: job.dataset_id,
                         backbone: &card.backbone,
                         labels: &card.labels,
@@ -413,32 +506,34 @@ impl Worker {
                 )
                 .await?;
                 if let Some(test) = &summary.test {
-                    jobs::set_test_metrics(&mut tx, job.id, serde_json::to_value(test)?).await?;
+                    jobs::set_test_metrics(&mut fenced, serde_json::to_value(test)?).await?;
                 }
-                store::models::deploy_if_first(&mut tx, model_id).await?;
-                jobs::finish(&mut tx, job.id, &self.id, "succeeded", None).await?;
-                jobs::finish_run(&mut tx, run_id, "succeeded", None).await?;
+                store::models::deploy_if_first(&mut fenced, model_id).await?;
+                jobs::finish_run(&mut fenced, run_id, "succeeded", None).await?;
+                jobs::finish(&mut fenced, id, worker, "succeeded", None).await?;
                 "succeeded"
             }
             Err(RunError::Failed(reason)) => {
                 tracing::warn!(%reason, "job failed");
-                jobs::finish(&mut tx, job.id, &self.id, "failed", Some(reason)).await?;
-                jobs::finish_run(&mut tx, run_id, "failed", Some(reason)).await?;
+                jobs::finish_run(&mut fenced, run_id, "failed", Some(reason)).await?;
+                jobs::finish(&mut fenced, id, worker, "failed", Some(reason)).await?;
                 "failed"
             }
             Err(RunError::Stopped(StopReason::Cancelled)) => {
-                jobs::finish(&mut tx, job.id, &self.id, "cancelled", None).await?;
-                jobs::finish_run(&mut tx, run_id, "cancelled", None).await?;
+                jobs::finish_run(&mut fenced, run_id, "cancelled", None).await?;
+                jobs::finish(&mut fenced, id, worker, "cancelled", None).await?;
                 "cancelled"
             }
             Err(RunError::Stopped(StopReason::Shutdown)) => {
                 // Hand the job back; the next attempt resumes from the last epoch.
-                jobs::release(&mut tx, job.id, &self.id).await?;
-                jobs::finish_run(&mut tx, run_id, "lost", Some("the worker shut down")).await?;
+                jobs::finish_run(&mut fenced, run_id, "lost", Some("the worker shut down")).await?;
+                jobs::release(&mut fenced).await?;
                 "queued"
             }
-            Err(RunError::Stopped(StopReason::LeaseLost)) => {
-                jobs::finish_run(&mut tx, run_id, "lost", Some("the lease expired")).await?;
+            // Given up by the local clock, though no one took the job yet:
+            // the reaper queues it again once the lease has expired.
+            Err(RunError::Stopped(StopReason::LeaseLost | StopReason::WriteFailed)) => {
+                jobs::finish_run(&mut fenced, run_id, "lost", Some("the lease expired")).await?;
                 "lost"
             }
         };
@@ -447,16 +542,102 @@ impl Worker {
     }
 }
 
-fn reason_name(reason: StopReason) -> &'static str {
-    match reason {
-        StopReason::Cancelled => "cancelled",
-        StopReason::Shutdown => "shutdown",
-        StopReason::LeaseLost => "lease lost",
+/// Puts expired leases back in the queue every `period`, for good.
+async fn reap_every(pool: PgPool, period: Duration) {
+    let mut timer = tokio::time::interval(period);
+    timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        timer.tick().await;
+        if let Err(err) = reap(&pool).await {
+            tracing::warn!(error = %err, "reaping expired leases failed");
+        }
+    }
+}
+
+/// Often enough that a job waits little longer than its lease once its
+/// worker is lost.
+fn reap_period(lease: Duration) -> Duration {
+    (lease / 3).max(Duration::from_secs(1))
+}
+
+async fn reap(pool: &PgPool) -> sqlx::Result<()> {
+    let reaped = jobs::reap_expired(pool).await?;
+    if reaped.requeued > 0 {
+        tracing::warn!(
+            count = reaped.requeued,
+            "queued again jobs whose workers were lost (lease expired)"
+        );
+    }
+    if reaped.failed > 0 {
+        tracing::warn!(
+            count = reaped.failed,
+            "failed jobs whose workers were lost on their last attempt"
+        );
+    }
+    Ok(())
+}
+
+fn epoch_key(job_id: Uuid, epoch: i64) -> String {
+    let job_dir = Artifacts::job_key(job_id);
+    trainer::epoch_checkpoint(std::path::Path::new(&job_dir), epoch)
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Sends an event from the training thread and, except for progress, waits
+/// until the worker has dealt with it: recorded it, or raised the stop flag.
+fn report(events: &mpsc::UnboundedSender<Message>, event: TrainEvent) {
+    if let TrainEvent::Progress { .. } = event {
+        let _ = events.send(Message::Event(event, None));
+        return;
+    }
+    let (handled, wait) = oneshot::channel();
+    if events.send(Message::Event(event, Some(handled))).is_ok() {
+        let _ = wait.blocking_recv();
+    }
+}
+
+/// The training thread's stop flag, and why it was raised. Raised when
+/// dropped too, so no early return leaves the thread training.
+#[derive(Default)]
+struct Stopper {
+    flag: Arc<AtomicBool>,
+    reason: Option<StopReason>,
+}
+
+impl Stopper {
+    fn request(&mut self, reason: StopReason) {
+        if self.reason.is_none() {
+            tracing::info!(
+                reason = reason.name(),
+                "stopping training at the next batch"
+            );
+            self.reason = Some(reason);
+            self.flag.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Stopper {
+    fn drop(&mut self) {
+        self.flag.store(true, Ordering::Relaxed);
+    }
+}
+
+impl StopReason {
+    fn name(self) -> &'static str {
+        match self {
+            StopReason::Cancelled => "cancelled",
+            StopReason::Shutdown => "shutdown",
+            StopReason::LeaseLost => "lease lost",
+            StopReason::WriteFailed => "a write failed",
+        }
     }
 }
 
 enum Message {
-    Event(TrainEvent),
+    /// An event, and (but for progress) whom to tell once it is dealt with.
+    Event(TrainEvent, Option<oneshot::Sender<()>>),
     Done(Result<TrainSummary, TrainError>),
 }
 
@@ -485,7 +666,7 @@ struct ModelCard {
 
 fn write_model_card(job_dir: &std::path::Path, card: &ModelCard) -> std::io::Result<()> {
     let json = serde_json::to_vec_pretty(card).map_err(std::io::Error::other)?;
-    std::fs::write(job_dir.join(MODEL_CARD_FILE), json)
+    crate::durable::write_bytes(&job_dir.join(MODEL_CARD_FILE), &json)
 }
 
 async fn wait_for_shutdown(shutdown: &mut Option<watch::Receiver<bool>>) {

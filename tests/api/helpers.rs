@@ -14,6 +14,7 @@ use axum::Router;
 use finetuned::api::{self, AppState, HttpLimits};
 use finetuned::artifacts::Artifacts;
 use finetuned::auth::Auth;
+use finetuned::sandbox::ScriptCheck;
 use finetuned::serve::{BatchingConfig, Predictor};
 use finetuned::store::{self, EmbeddedPostgres};
 use finetuned::train::{Outcome, Worker};
@@ -134,6 +135,16 @@ fn cache_dir() -> PathBuf {
     PathBuf::from(home).join(".cache/finetuned")
 }
 
+/// Checks of uploaded modules by the built `finetuned` binary, with these
+/// limits.
+pub fn script_check(memory_mib: u64, timeout_secs: u64) -> ScriptCheck {
+    ScriptCheck {
+        program: env!("CARGO_BIN_EXE_finetuned").into(),
+        memory_bytes: memory_mib * 1024 * 1024,
+        timeout: Duration::from_secs(timeout_secs),
+    }
+}
+
 /// A small inference setup for tests that do not study batching.
 pub fn small_batching() -> BatchingConfig {
     BatchingConfig {
@@ -172,6 +183,14 @@ impl TestApp {
         .await
     }
 
+    /// An app that accepts TorchScript backbones, checked by the real binary.
+    pub async fn spawn_allowing_scripts() -> Self {
+        Self::spawn_custom(small_batching(), |state| {
+            state.script_check = Some(script_check(4096, 60))
+        })
+        .await
+    }
+
     /// An app whose inference thread batches and queues as told.
     pub async fn spawn_with(batching: BatchingConfig) -> Self {
         Self::spawn_custom(batching, |_| {}).await
@@ -193,12 +212,14 @@ impl TestApp {
             auth: Auth::new(pool.clone()),
             predict_timeout: Duration::from_secs(30),
             decode_permits: std::sync::Arc::new(tokio::sync::Semaphore::new(2)),
+            events: api::EventStreams::new(pool.clone(), 256),
             weights_dir: weights_dir(),
             limits: HttpLimits {
                 max_upload_bytes: 64 * 1024 * 1024,
                 max_predict_bytes: 4 * 1024 * 1024,
                 ..HttpLimits::default()
             },
+            script_check: None,
         };
         adjust(&mut state);
         let worker = Worker {

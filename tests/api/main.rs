@@ -2,11 +2,17 @@
 //! libtorch. `scripts/setup` installs what they need (weights, photos).
 
 mod backbones;
+mod cluster;
+mod connections;
 mod contract;
 mod datasets;
+mod disk;
 mod fashion;
 mod freezing;
 mod helpers;
+mod hostile_archives;
+mod hostile_input;
+mod hostile_modules;
 mod ingest;
 mod jobs;
 mod lifecycle;

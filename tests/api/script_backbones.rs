@@ -57,7 +57,7 @@ fn delete(name: &str) -> Request<Body> {
 #[tokio::test]
 async fn a_torchscript_backbone_is_uploaded_trained_with_frozen_stages_served_and_exported() {
     let _rng = torch_rng().await;
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_allowing_scripts().await;
     let dir = app.data_dir().join("modules");
     std::fs::create_dir_all(&dir).unwrap();
     traced("resnet18", &dir.join("resnet18.pt"));
@@ -209,7 +209,7 @@ async fn a_torchscript_backbone_is_uploaded_trained_with_frozen_stages_served_an
 #[tokio::test]
 async fn a_feature_map_module_is_pooled_and_can_be_deleted() {
     let _rng = torch_rng().await;
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_allowing_scripts().await;
     let dir = app.data_dir().join("modules");
     std::fs::create_dir_all(&dir).unwrap();
     traced("fmap", &dir.join("fmap.pt"));
