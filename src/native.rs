@@ -13,6 +13,7 @@ extern "C" {
     fn ft_script_add_features(
         data: *const c_char,
         length: usize,
+        method: *const c_char,
         strip_linear: bool,
         removed: *mut *mut c_char,
         out: *mut *mut c_char,
@@ -72,14 +73,16 @@ pub fn script_operations(module: &[u8]) -> Result<Vec<ScriptOperation>, String> 
         .collect())
 }
 
-/// The serialized TorchScript `module` with one more method, `features`:
-/// its `forward` without the final linear layer (when `strip_linear`), else
+/// The serialized TorchScript `module` with one more method, `method`: its
+/// `forward` without the final linear layer (when `strip_linear`), else
 /// `forward` itself. Returns the new module's bytes and the removed layer's
 /// weight (`fc.weight`), if one was removed.
 pub fn add_features_method(
     module: &[u8],
+    method: &str,
     strip_linear: bool,
 ) -> Result<(Vec<u8>, Option<String>), String> {
+    let method = std::ffi::CString::new(method).map_err(|e| e.to_string())?;
     let mut removed: *mut c_char = std::ptr::null_mut();
     let mut out: *mut c_char = std::ptr::null_mut();
     let mut out_length = 0usize;
@@ -88,6 +91,7 @@ pub fn add_features_method(
         ft_script_add_features(
             module.as_ptr().cast(),
             module.len(),
+            method.as_ptr(),
             strip_linear,
             &mut removed,
             &mut out,

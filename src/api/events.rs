@@ -60,7 +60,7 @@ type Feed = watch::Sender<Option<Arc<Snapshot>>>;
 
 enum Snapshot {
     Job {
-        job: JobRow,
+        job: Box<JobRow>,
         /// Every finished epoch so far.
         epochs: Arc<Vec<EpochMetrics>>,
     },
@@ -221,7 +221,7 @@ async fn read(pool: &PgPool, job_id: Uuid, epochs: &mut Arc<Vec<EpochMetrics>>) 
         Err(err) => return failed(err),
     }
     Snapshot::Job {
-        job,
+        job: Box::new(job),
         epochs: epochs.clone(),
     }
 }

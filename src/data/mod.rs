@@ -55,8 +55,13 @@ pub(crate) struct Problems {
 
 impl Problems {
     pub fn push(&mut self, error: FieldError) {
+        self.add(|| error);
+    }
+
+    /// Like [`Problems::push`], making the error only if it is to be listed.
+    pub fn add(&mut self, make: impl FnOnce() -> FieldError) {
         if self.listed.len() < MAX_LISTED_ERRORS {
-            self.listed.push(error);
+            self.listed.push(make());
         } else {
             self.omitted += 1;
         }

@@ -19,8 +19,11 @@ use tch::{CModule, Device, Kind, Tensor};
 
 use crate::data::preprocess::Normalization;
 
-/// The method the stored module gains.
-pub const FEATURES_METHOD: &str = "features";
+/// The method the stored module gains; named so that it cannot shadow a
+/// submodule (torchvision keeps `features` sequences).
+pub const FEATURES_METHOD: &str = "finetuned_features";
+/// Its name in modules stored before it was renamed.
+const LEGACY_FEATURES_METHOD: &str = "features";
 /// Family reported in the catalogue.
 pub const FAMILY: &str = "TorchScript";
 
@@ -172,13 +175,16 @@ fn inspect_allowed(
     output: Output,
 ) -> Result<(Inspected, Vec<u8>), String> {
     let strip = output != Output::Features;
-    let (stored, removed_weight) = match crate::native::add_features_method(upload, strip) {
-        Ok(done) => done,
-        Err(reason) if output == Output::Auto && reason.contains("does not end with a linear") => {
-            crate::native::add_features_method(upload, false)?
-        }
-        Err(reason) => return Err(reason),
-    };
+    let (stored, removed_weight) =
+        match crate::native::add_features_method(upload, FEATURES_METHOD, strip) {
+            Ok(done) => done,
+            Err(reason)
+                if output == Output::Auto && reason.contains("does not end with a linear") =>
+            {
+                crate::native::add_features_method(upload, FEATURES_METHOD, false)?
+            }
+            Err(reason) => return Err(reason),
+        };
     let removed_layer = removed_weight.map(|w| w.trim_end_matches(".weight").to_string());
     let mut module = CModule::load_data_on_device(&mut std::io::Cursor::new(&stored), Device::Cpu)
         .map_err(|e| e.to_string())?;
@@ -304,9 +310,7 @@ impl ScriptBase {
     /// Pooled features `[N, D]`; without gradients when every stage is frozen.
     pub fn features(&self, xs: &Tensor, all_frozen: bool) -> Tensor {
         let run = || {
-            let output = self
-                .module
-                .method_ts(FEATURES_METHOD, &[xs])
+            let output = run_features(&self.module, xs)
                 .unwrap_or_else(|e| panic!("the TorchScript backbone failed: {e}"));
             pool(output).expect("features were [N, D] or [N, D, H, W] at registration")
         };
@@ -318,11 +322,20 @@ impl ScriptBase {
     }
 }
 
+/// The stored module's features method, or its former name in a module
+/// stored before the rename.
+fn run_features(module: &CModule, xs: &Tensor) -> Result<Tensor, tch::TchError> {
+    module.method_ts(FEATURES_METHOD, &[xs]).or_else(|err| {
+        match module.method_ts(LEGACY_FEATURES_METHOD, &[xs]) {
+            Ok(output) => Ok(output),
+            Err(_) => Err(err),
+        }
+    })
+}
+
 /// Runs a served TorchScript backbone: pooled features.
 pub fn served_features(module: &CModule, xs: &Tensor) -> Result<Tensor, String> {
-    let output = module
-        .method_ts(FEATURES_METHOD, &[xs])
-        .map_err(|e| e.to_string())?;
+    let output = run_features(module, xs).map_err(|e| e.to_string())?;
     pool(output).ok_or_else(|| "features were not [N, D] or [N, D, H, W]".to_string())
 }
 

@@ -113,12 +113,12 @@ char* ft_script_operations(const char* data, size_t length, char** listing) {
 }
 
 // Reads the TorchScript module in `data`; when `strip_linear`, adds a
-// method `features` that is `forward` up to (not including) its final
+// method named `method` that is `forward` up to (not including) its final
 // linear layer, else one that is `forward` itself. The saved result goes to
 // `*out` / `*out_length` (freed with `ft_free_message`). `*removed` gets the
 // removed layer's weight path (`fc.weight`; freed likewise), or null.
-char* ft_script_add_features(const char* data, size_t length, bool strip_linear, char** removed,
-                             char** out, size_t* out_length) {
+char* ft_script_add_features(const char* data, size_t length, const char* method, bool strip_linear,
+                             char** removed, char** out, size_t* out_length) {
   try {
     *removed = nullptr;
     *out = nullptr;
@@ -152,7 +152,7 @@ char* ft_script_add_features(const char* data, size_t length, bool strip_linear,
       graph->registerOutput(features);
       torch::jit::EliminateDeadCode(graph);
     }
-    auto name = c10::QualifiedName(*module.type()->name(), "features");
+    auto name = c10::QualifiedName(*module.type()->name(), method);
     auto* function = module._ivalue()->compilation_unit()->create_function(name, graph);
     module.type()->addMethod(function);
     std::ostringstream saved;

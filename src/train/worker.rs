@@ -73,8 +73,6 @@ enum StopReason {
     /// The lease passed to another attempt or expired: nothing more may be
     /// written for the job.
     LeaseLost,
-    /// Recording progress failed past the retry window.
-    WriteFailed,
 }
 
 impl Worker {
@@ -145,7 +143,7 @@ impl Worker {
         shutdown: Option<&watch::Receiver<bool>>,
     ) -> anyhow::Result<Outcome> {
         let lease = job.lease(&self.id);
-        let prepared = self.prepare(&job).await;
+        let prepared = self.renewing(&lease, self.prepare(&job)).await;
         let resumed_from = prepared
             .as_ref()
             .ok()
@@ -227,6 +225,24 @@ impl Worker {
         Ok((spec, card))
     }
 
+    /// Runs `work` while renewing the lease: fetching a large dataset can
+    /// outlast it. (A renewal refused here shows when the run starts.)
+    async fn renewing<T>(&self, lease: &Lease, work: impl std::future::Future<Output = T>) -> T {
+        let mut heartbeat = tokio::time::interval(self.lease / 3);
+        heartbeat.tick().await;
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                done = &mut work => return done,
+                _ = heartbeat.tick() => {
+                    if let Err(err) = jobs::heartbeat(&self.pool, lease, self.lease.as_secs_f64()).await {
+                        tracing::warn!(error = %err, "heartbeat failed; retrying");
+                    }
+                }
+            }
+        }
+    }
+
     /// Runs the training thread, recording its events, renewing the lease and
     /// watching for cancellation and shutdown until the thread has ended:
     /// whatever the outcome, no training thread outlives this call.
@@ -271,7 +287,8 @@ impl Worker {
                                 Ok(()) => {}
                                 Err(RunError::Stopped(reason)) => stopper.request(reason),
                                 Err(err) => {
-                                    stopper.request(StopReason::WriteFailed);
+                                    tracing::warn!("a write failed for good: stopping training at the next batch");
+                                    stopper.flag.store(true, Ordering::Relaxed);
                                     failure = Some(err);
                                 }
                             }
@@ -327,9 +344,11 @@ impl Worker {
             return Err(err);
         }
         let summary = match result {
-            // Finished before it saw the stop: the job is another attempt's.
             Ok(_) if stopped == Some(StopReason::LeaseLost) => {
-                return Err(RunError::Stopped(StopReason::LeaseLost))
+                tracing::info!(
+                    "training thread ended before it saw the stop; the job is another attempt's"
+                );
+                return Err(RunError::Stopped(StopReason::LeaseLost));
             }
             Ok(summary) => summary,
             Err(TrainError::Stopped) => {
@@ -532,7 +551,7 @@ impl Worker {
             }
             // Given up by the local clock, though no one took the job yet:
             // the reaper queues it again once the lease has expired.
-            Err(RunError::Stopped(StopReason::LeaseLost | StopReason::WriteFailed)) => {
+            Err(RunError::Stopped(StopReason::LeaseLost)) => {
                 jobs::finish_run(&mut fenced, run_id, "lost", Some("the lease expired")).await?;
                 "lost"
             }
@@ -630,7 +649,6 @@ impl StopReason {
             StopReason::Cancelled => "cancelled",
             StopReason::Shutdown => "shutdown",
             StopReason::LeaseLost => "lease lost",
-            StopReason::WriteFailed => "a write failed",
         }
     }
 }

@@ -8,6 +8,7 @@ mod contract;
 mod datasets;
 mod disk;
 mod fashion;
+mod fencing;
 mod freezing;
 mod helpers;
 mod hostile_archives;

@@ -11,10 +11,10 @@ use uuid::Uuid;
 use crate::helpers::{ran_status, torch_rng, weights_dir, TestApp};
 
 /// A child process of the test, killed if the test ends early.
-struct Finetuned(Child);
+pub(crate) struct Finetuned(Child);
 
 impl Finetuned {
-    fn start(args: &[&str], app: &TestApp, log: &str) -> Self {
+    pub(crate) fn start(args: &[&str], app: &TestApp, log: &str) -> Self {
         let log = std::fs::File::create(app.data_dir().join(log)).expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_finetuned"))
             .args(args)
@@ -32,16 +32,16 @@ impl Finetuned {
         Self(child)
     }
 
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.0.id()
     }
 
-    fn signal(&self, signal: i32) {
+    pub(crate) fn signal(&self, signal: i32) {
         assert_eq!(unsafe { libc::kill(self.pid() as i32, signal) }, 0);
     }
 
     /// Waits for the process to exit, at most `limit`.
-    async fn wait(&mut self, limit: Duration) -> ExitStatus {
+    pub(crate) async fn wait(&mut self, limit: Duration) -> ExitStatus {
         let started = Instant::now();
         loop {
             if let Some(status) = self.0.try_wait().expect("try_wait") {
@@ -64,13 +64,13 @@ impl Drop for Finetuned {
     }
 }
 
-struct JobState {
-    status: String,
-    epoch: i32,
-    lease_owner: Option<String>,
+pub(crate) struct JobState {
+    pub(crate) status: String,
+    pub(crate) epoch: i32,
+    pub(crate) lease_owner: Option<String>,
 }
 
-async fn job_state(app: &TestApp, id: &str) -> JobState {
+pub(crate) async fn job_state(app: &TestApp, id: &str) -> JobState {
     let (status, epoch, lease_owner): (String, i32, Option<String>) =
         sqlx::query_as("SELECT status, epoch, lease_owner FROM jobs WHERE id = $1")
             .bind(Uuid::parse_str(id).unwrap())
@@ -85,7 +85,7 @@ async fn job_state(app: &TestApp, id: &str) -> JobState {
 }
 
 /// Polls until `done` holds for the job, at most `limit`.
-async fn wait_for(
+pub(crate) async fn wait_for(
     app: &TestApp,
     id: &str,
     limit: Duration,
@@ -108,7 +108,7 @@ async fn wait_for(
     }
 }
 
-async fn epochs(app: &TestApp, id: &str) -> Vec<i32> {
+pub(crate) async fn epochs(app: &TestApp, id: &str) -> Vec<i32> {
     sqlx::query_scalar("SELECT epoch FROM epoch_metrics WHERE job_id = $1 ORDER BY epoch")
         .bind(Uuid::parse_str(id).unwrap())
         .fetch_all(&app.pool)
@@ -116,7 +116,7 @@ async fn epochs(app: &TestApp, id: &str) -> Vec<i32> {
         .unwrap()
 }
 
-fn log_of(dir: &Path, name: &str) -> String {
+pub(crate) fn log_of(dir: &Path, name: &str) -> String {
     std::fs::read_to_string(dir.join(name)).unwrap_or_default()
 }
 

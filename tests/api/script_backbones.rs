@@ -147,7 +147,9 @@ async fn a_torchscript_backbone_is_uploaded_trained_with_frozen_stages_served_an
     let (logits, features) = tch::no_grad(|| {
         (
             stored.forward_ts(&[&x]).unwrap(),
-            stored.method_ts("features", &[&x]).unwrap(),
+            stored
+                .method_ts(finetuned::models::script::FEATURES_METHOD, &[&x])
+                .unwrap(),
         )
     });
     assert_eq!(features.size(), [2, 512]);
