@@ -685,36 +685,3 @@ fn strip_wrapper_folder(
         }
     }
 }
-
-#[cfg(test)]
-mod timing_tmp {
-    #[test]
-    fn archive_timing_tmp() {
-        let bytes = b"x\n".repeat(8_000_000);
-        let t = std::time::Instant::now();
-        let r = super::classify_by_manifest(Vec::new(), "labels.csv", &bytes);
-        eprintln!("classify: {:?} {}", t.elapsed(), r.is_err());
-        let t = std::time::Instant::now();
-        let mut reader = csv::ReaderBuilder::new()
-            .has_headers(false)
-            .flexible(true)
-            .trim(csv::Trim::All)
-            .from_reader(&bytes[..]);
-        let n = reader.records().count();
-        eprintln!("csv records only: {:?} {n}", t.elapsed());
-        let t = std::time::Instant::now();
-        let mut reader = csv::ReaderBuilder::new()
-            .has_headers(false)
-            .flexible(true)
-            .from_reader(&bytes[..]);
-        let mut rec = csv::ByteRecord::new();
-        let mut n = 0;
-        while reader.read_byte_record(&mut rec).unwrap() {
-            n += 1;
-        }
-        eprintln!("csv byte records reused: {:?} {n}", t.elapsed());
-        let t = std::time::Instant::now();
-        let v: Vec<String> = (0..8_000_000).map(|i| format!("labels.csv:{i}")).collect();
-        eprintln!("format: {:?} {}", t.elapsed(), v.len());
-    }
-}

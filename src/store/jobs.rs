@@ -114,13 +114,14 @@ pub async fn fence<'t>(
     tx: &'t mut PgConnection,
     lease: &Lease,
 ) -> sqlx::Result<Option<Fenced<'t>>> {
-    let held: Option<i32> =
-        sqlx::query_scalar(&format!("SELECT 1 FROM jobs WHERE {HELD} FOR UPDATE"))
-            .bind(lease.job_id)
-            .bind(&lease.worker)
-            .bind(lease.attempt)
-            .fetch_optional(&mut *tx)
-            .await?;
+    let held: Option<i32> = sqlx::query_scalar(&format!(
+        "SELECT 1 FROM jobs WHERE {HELD} FOR NO KEY UPDATE"
+    ))
+    .bind(lease.job_id)
+    .bind(&lease.worker)
+    .bind(lease.attempt)
+    .fetch_optional(&mut *tx)
+    .await?;
     Ok(held.map(|_| Fenced {
         conn: tx,
         job_id: lease.job_id,

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
 use flate2::Compression;
+use rand::{RngCore, SeedableRng};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -25,13 +26,13 @@ const MAX_RSS_GROWTH: u64 = 300 * MIB;
 async fn a_long_name_header_declaring_gigabytes_is_refused_before_it_is_read() {
     let app = TestApp::spawn().await;
     let server = Server::start(&app).await;
-    // One GNU long-name header declaring 2 GiB, and the 2 GiB of name after
-    // it: the tar crate reads such a name whole.
-    let declared = 2 << 30;
-    let archive = gzip(Compression::fast(), |out| {
-        out.write_all(&gnu_header("././@LongLink", b'L', declared))
+    // One GNU long-name header declaring 2 GiB, and 512 MiB of name after
+    // it (the whole 2 GiB takes seconds to compress): the tar crate reads
+    // such a name whole.
+    let archive = gzip(Compression::best(), |out| {
+        out.write_all(&gnu_header("././@LongLink", b'L', 2 << 30))
             .unwrap();
-        zeros(out, declared);
+        zeros(out, 512 * MIB);
     });
     let problem = assert_refused(&app, &server, "long-name header", archive).await;
     assert_eq!(problem["errors"][0]["path"], "file");
@@ -89,6 +90,31 @@ async fn a_gzip_bomb_is_refused_as_it_inflates() {
     assert_eq!(problem["errors"][0]["path"], "file");
     let reason = problem["errors"][0]["reason"].as_str().unwrap();
     assert!(reason.contains("times its compressed size"), "{reason}");
+}
+
+#[tokio::test]
+async fn a_bomb_within_the_ratio_is_decoded_one_huge_member_at_a_time() {
+    let app = TestApp::spawn().await;
+    let server = Server::start(&app).await;
+    // Incompressible bytes beside two 200 MiB "images" of zeros keep the
+    // whole stream within its ratio; what may not pile up is those images.
+    let mut noise = vec![0u8; 5 * MIB as usize];
+    rand::rngs::StdRng::seed_from_u64(0).fill_bytes(&mut noise);
+    let size = 200 * MIB;
+    let archive = gzip(Compression::best(), |out| {
+        out.write_all(&gnu_header("noise.bin", b'0', noise.len() as u64))
+            .unwrap();
+        out.write_all(&noise).unwrap();
+        for name in ["a/0.png", "b/0.png"] {
+            out.write_all(&gnu_header(name, b'0', size)).unwrap();
+            zeros(out, size);
+        }
+        zeros(out, 1024);
+    });
+    let problem = assert_refused(&app, &server, "bomb within the ratio", archive).await;
+    assert_eq!(problem["errors"][0]["path"], "file");
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(detail.contains("no decodable images"), "{detail}");
 }
 
 /// Sends a hostile archive and asserts the refusal; returns its problem

@@ -10,7 +10,12 @@ use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
 
-use crate::helpers::{script_check, small_batching, torch_python, Part, TestApp};
+use image::ImageFormat;
+use serde_json::json;
+
+use crate::helpers::{
+    encode, render, script_check, small_batching, torch_python, torch_rng, Part, TestApp,
+};
 
 /// Builds the module `kind` with the virtualenv's torch into `dir`.
 /// `target` is the file the file-writing modules try to create.
@@ -191,7 +196,8 @@ async fn a_module_that_spins_or_hogs_memory_fails_its_check_and_the_server_stays
 }
 
 #[tokio::test]
-async fn traced_resnet18_and_scripted_efficientnet_b0_pass_the_check() {
+async fn traced_resnet18_and_scripted_efficientnet_b0_pass_the_check_and_train_and_serve() {
+    let _rng = torch_rng().await;
     let app = TestApp::spawn_allowing_scripts().await;
     let (dir, target) = scratch(&app);
     for (name, kind, removed) in [
@@ -215,4 +221,19 @@ async fn traced_resnet18_and_scripted_efficientnet_b0_pass_the_check() {
         assert_eq!(created.json["removed_layer"], removed, "{kind}");
     }
     assert_eq!(app.count("script_backbones").await, 2);
+
+    // The scripted one (control flow, stochastic depth) trains and serves
+    // in-process once accepted.
+    let dataset_id = app.shapes_dataset(3, 64).await;
+    let job_id = app
+        .submit_job(json!({
+            "dataset_id": dataset_id, "backbone": "effnet-scripted", "epochs": 1,
+            "batch_size": 6, "freeze": "last_n", "trainable_stages": 1
+        }))
+        .await;
+    app.worker.try_execute_one(None).await.expect("worker step");
+    let job = app.get(&format!("/jobs/{job_id}")).await.json;
+    assert_eq!(job["status"], "succeeded", "{job:?}");
+    let photo = encode(&render(2, 7, 80), ImageFormat::Png);
+    assert_eq!(app.predict_one(None, "stripes.png", photo).await.len(), 3);
 }
