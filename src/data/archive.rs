@@ -83,12 +83,12 @@ const RATIO_FLOOR_BYTES: u64 = 1024 * 1024;
 pub const MAX_IMAGE_BYTES: u64 = 256 * 1024 * 1024;
 /// Bound on the manifests read, together: each is read whole. A row per
 /// entry at [`MAX_ENTRIES`] leaves each over 80 bytes.
-pub const MAX_MANIFEST_BYTES: u64 = 16 * 1024 * 1024;
+const MAX_MANIFEST_BYTES: u64 = 16 * 1024 * 1024;
 /// Bounds on the paths a listing holds: one path, its depth (each folder
 /// is held apart), and all of them together.
-pub const MAX_PATH_BYTES: usize = 1024;
-pub const MAX_PATH_DEPTH: usize = 16;
-pub const MAX_PATHS_BYTES: u64 = 64 * 1024 * 1024;
+const MAX_PATH_BYTES: usize = 1024;
+const MAX_PATH_DEPTH: usize = 16;
+const MAX_PATHS_BYTES: u64 = 64 * 1024 * 1024;
 pub const MANIFEST: &str = "labels.csv";
 
 const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"];
@@ -610,12 +610,12 @@ fn classify_by_manifest(
     Ok((members, skipped))
 }
 
-/// A manifest row's path, label and split (fields trimmed); `None` for a
-/// header or blank row.
-fn manifest_row(
-    record: &csv::ByteRecord,
-    first: bool,
-) -> Result<Option<(&str, &str, Option<GivenSplit>)>, Cow<'static, str>> {
+/// A manifest row's path, label and split, trimmed; `None` for a header or
+/// blank row.
+type Row<'a> = Option<(&'a str, &'a str, Option<GivenSplit>)>;
+
+/// Reads one manifest row, or says what is wrong with it.
+fn manifest_row(record: &csv::ByteRecord, first: bool) -> Result<Row<'_>, Cow<'static, str>> {
     let text = |bytes| std::str::from_utf8(bytes).map(str::trim);
     let field = |i| text(record.get(i).unwrap_or(b"")).map_err(|_| "not UTF-8 text");
     let blank = record.iter().all(|f| text(f).is_ok_and(str::is_empty));

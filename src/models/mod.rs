@@ -26,6 +26,10 @@ pub struct BackboneSpec {
     /// Parameters of the feature extractor alone.
     pub parameters: u64,
     pub feature_dim: i64,
+    /// Stages, first to last, that freezing counts: facts of the
+    /// architecture, checked against the built networks by a unit test, so
+    /// that listing them builds nothing.
+    pub stages: &'static [&'static str],
     pub default_image_size: i64,
     pub normalization: Normalization,
     /// ImageNet-1k top-1 accuracy as published for these weights, percent
@@ -51,12 +55,27 @@ const LITE_SOURCE: &str = "TensorFlow EfficientNet-Lite ImageNet checkpoints (Ap
 
 const IMPORTED_SOURCE: &str = "brought by the user: `finetuned weights import FILE --arch NAME` with a torchvision state dict (.pth) or safetensors; the weights' own terms apply";
 
+/// MobileNetV2 and the EfficientNets: a stem, seven block groups, a 1×1 head.
+const MBCONV_STAGES: &[&str] = &[
+    "stem",
+    "block1",
+    "block2",
+    "block3",
+    "block4",
+    "block5",
+    "block6",
+    "block7",
+    "head_conv",
+];
+const RESNET_STAGES: &[&str] = &["stem", "layer1", "layer2", "layer3", "layer4"];
+
 pub const CATALOGUE: &[BackboneSpec] = &[
     BackboneSpec {
         name: "mobilenet_v2",
         family: "MobileNetV2",
         parameters: 2_223_872,
         feature_dim: mobilenet_v2::FEATURE_DIM,
+        stages: MBCONV_STAGES,
         default_image_size: 224,
         normalization: Normalization::IMAGENET,
         imagenet_top1: 71.878,
@@ -69,6 +88,7 @@ pub const CATALOGUE: &[BackboneSpec] = &[
         family: "EfficientNet-Lite",
         parameters: 3_371_008,
         feature_dim: efficientnet_lite::FEATURE_DIM,
+        stages: MBCONV_STAGES,
         default_image_size: 224,
         normalization: LITE_NORMALIZATION,
         imagenet_top1: 75.1,
@@ -81,6 +101,7 @@ pub const CATALOGUE: &[BackboneSpec] = &[
         family: "EfficientNet-Lite",
         parameters: 4_135_680,
         feature_dim: efficientnet_lite::FEATURE_DIM,
+        stages: MBCONV_STAGES,
         default_image_size: 240,
         normalization: LITE_NORMALIZATION,
         imagenet_top1: 76.7,
@@ -93,6 +114,7 @@ pub const CATALOGUE: &[BackboneSpec] = &[
         family: "EfficientNet-Lite",
         parameters: 4_811_072,
         feature_dim: efficientnet_lite::FEATURE_DIM,
+        stages: MBCONV_STAGES,
         default_image_size: 260,
         normalization: LITE_NORMALIZATION,
         imagenet_top1: 77.6,
@@ -105,6 +127,7 @@ pub const CATALOGUE: &[BackboneSpec] = &[
         family: "ResNet",
         parameters: 11_176_512,
         feature_dim: resnet::RESNET18.feature_dim(),
+        stages: RESNET_STAGES,
         default_image_size: 224,
         normalization: Normalization::IMAGENET,
         imagenet_top1: 69.758,
@@ -117,6 +140,7 @@ pub const CATALOGUE: &[BackboneSpec] = &[
         family: "ResNet",
         parameters: 21_284_672,
         feature_dim: resnet::RESNET34.feature_dim(),
+        stages: RESNET_STAGES,
         default_image_size: 224,
         normalization: Normalization::IMAGENET,
         imagenet_top1: 73.314,
@@ -129,6 +153,7 @@ pub const CATALOGUE: &[BackboneSpec] = &[
         family: "ResNet",
         parameters: 23_508_032,
         feature_dim: resnet::RESNET50.feature_dim(),
+        stages: RESNET_STAGES,
         default_image_size: 224,
         normalization: Normalization::IMAGENET,
         imagenet_top1: 76.13,
@@ -141,6 +166,7 @@ pub const CATALOGUE: &[BackboneSpec] = &[
         family: "ResNet",
         parameters: 42_500_160,
         feature_dim: resnet::RESNET101.feature_dim(),
+        stages: RESNET_STAGES,
         default_image_size: 224,
         normalization: Normalization::IMAGENET,
         imagenet_top1: 77.374,
@@ -153,6 +179,7 @@ pub const CATALOGUE: &[BackboneSpec] = &[
         family: "EfficientNet",
         parameters: 4_007_548,
         feature_dim: efficientnet::B0.feature_dim(),
+        stages: MBCONV_STAGES,
         default_image_size: 224,
         normalization: Normalization::IMAGENET,
         imagenet_top1: 77.692,
@@ -165,6 +192,7 @@ pub const CATALOGUE: &[BackboneSpec] = &[
         family: "EfficientNet",
         parameters: 6_513_184,
         feature_dim: efficientnet::B1.feature_dim(),
+        stages: MBCONV_STAGES,
         default_image_size: 240,
         normalization: Normalization::IMAGENET,
         imagenet_top1: 78.642,
@@ -177,6 +205,7 @@ pub const CATALOGUE: &[BackboneSpec] = &[
         family: "EfficientNet",
         parameters: 7_700_994,
         feature_dim: efficientnet::B2.feature_dim(),
+        stages: MBCONV_STAGES,
         default_image_size: 288,
         normalization: Normalization::IMAGENET,
         imagenet_top1: 80.608,
@@ -189,6 +218,7 @@ pub const CATALOGUE: &[BackboneSpec] = &[
         family: "EfficientNet",
         parameters: 10_696_232,
         feature_dim: efficientnet::B3.feature_dim(),
+        stages: MBCONV_STAGES,
         default_image_size: 300,
         normalization: Normalization::IMAGENET,
         imagenet_top1: 82.008,
@@ -201,6 +231,7 @@ pub const CATALOGUE: &[BackboneSpec] = &[
         family: "EfficientNet",
         parameters: 17_548_616,
         feature_dim: efficientnet::B4.feature_dim(),
+        stages: MBCONV_STAGES,
         default_image_size: 380,
         normalization: Normalization::IMAGENET,
         imagenet_top1: 83.384,
@@ -213,6 +244,7 @@ pub const CATALOGUE: &[BackboneSpec] = &[
         family: "EfficientNet",
         parameters: 28_340_784,
         feature_dim: efficientnet::B5.feature_dim(),
+        stages: MBCONV_STAGES,
         default_image_size: 456,
         normalization: Normalization::IMAGENET,
         imagenet_top1: 83.444,
@@ -225,6 +257,7 @@ pub const CATALOGUE: &[BackboneSpec] = &[
         family: "EfficientNet",
         parameters: 40_735_704,
         feature_dim: efficientnet::B6.feature_dim(),
+        stages: MBCONV_STAGES,
         default_image_size: 528,
         normalization: Normalization::IMAGENET,
         imagenet_top1: 84.008,
@@ -237,6 +270,7 @@ pub const CATALOGUE: &[BackboneSpec] = &[
         family: "EfficientNet",
         parameters: 63_786_960,
         feature_dim: efficientnet::B7.feature_dim(),
+        stages: MBCONV_STAGES,
         default_image_size: 600,
         normalization: Normalization::IMAGENET,
         imagenet_top1: 84.122,
@@ -352,8 +386,7 @@ impl BackboneSpec {
 
     /// Names of the backbone's stages, first to last (what freezing counts).
     pub fn stage_names(&self) -> Vec<String> {
-        let vs = nn::VarStore::new(Device::Cpu);
-        self.build(&vs.root()).into_iter().map(|s| s.name).collect()
+        self.stages.iter().map(|s| s.to_string()).collect()
     }
 }
 
@@ -560,21 +593,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_catalogue_states_each_feature_extractors_parameters() {
-        let counted: Vec<(&str, u64)> = CATALOGUE
+    fn the_catalogue_states_each_feature_extractors_parameters_and_stages() {
+        let counted: Vec<(&str, u64, Vec<String>)> = CATALOGUE
             .iter()
             .map(|spec| {
                 let vs = nn::VarStore::new(Device::Cpu);
-                let _ = spec.build(&vs.root());
+                let stages = spec.build(&vs.root());
                 let n = vs
                     .trainable_variables()
                     .iter()
                     .map(|t| t.numel() as u64)
                     .sum();
-                (spec.name, n)
+                (spec.name, n, stages.into_iter().map(|s| s.name).collect())
             })
             .collect();
-        let stated: Vec<(&str, u64)> = CATALOGUE.iter().map(|s| (s.name, s.parameters)).collect();
+        let stated: Vec<(&str, u64, Vec<String>)> = CATALOGUE
+            .iter()
+            .map(|s| (s.name, s.parameters, s.stage_names()))
+            .collect();
         assert_eq!(counted, stated);
     }
 }

@@ -147,6 +147,46 @@ async fn a_write_under_a_superseded_attempt_is_refused() {
     assert_eq!(recorded, [(1, 1.0), (2, 2.0)]);
 }
 
+#[tokio::test]
+async fn a_write_left_open_by_a_frozen_worker_holds_a_takeover_back_only_briefly() {
+    let app = TestApp::spawn().await;
+    let pool = &app.pool;
+    let dataset = app.shapes_dataset(3, 32).await;
+    let job = app
+        .submit_job(json!({ "dataset_id": dataset, "epochs": 1 }))
+        .await;
+    let first = jobs::claim(pool, "worker-a", 1.0)
+        .await
+        .unwrap()
+        .expect("the job is claimed")
+        .lease("worker-a");
+    // The worker freezes inside a fenced write: its transaction stays open
+    // and the job's row locked while its lease runs out.
+    let mut tx = jobs::begin(pool).await.unwrap();
+    assert!(jobs::fence(&mut tx, &first).await.unwrap().is_some());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let started = Instant::now();
+    let taken = loop {
+        if let Some(row) = jobs::claim(pool, "worker-b", 60.0).await.unwrap() {
+            break row;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the stalled transaction still holds the job"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let waited = started.elapsed();
+    assert_eq!((taken.id.to_string(), taken.attempts), (job, 2));
+    assert!(
+        waited < Duration::from_secs(30),
+        "took over after {waited:?}"
+    );
+    // Thawed, the first worker's write cannot land.
+    assert!(tx.commit().await.is_err());
+}
+
 /// The job's checkpoint files and when each was last written.
 fn checkpoint_files(app: &TestApp, job: Uuid) -> Vec<(String, std::time::SystemTime)> {
     let dir = app.artifacts.path(&format!("jobs/{job}"));

@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
 use flate2::Compression;
-use rand::{RngCore, SeedableRng};
+use image::ImageFormat;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::helpers::{weights_dir, TestApp};
+use crate::helpers::{encode, render, weights_dir, zip, TestApp, SHAPES};
 
 const MIB: u64 = 1024 * 1024;
 /// Most an answer to a hostile upload may hold.
@@ -93,28 +93,57 @@ async fn a_gzip_bomb_is_refused_as_it_inflates() {
 }
 
 #[tokio::test]
-async fn a_bomb_within_the_ratio_is_decoded_one_huge_member_at_a_time() {
+async fn a_path_past_its_bound_is_refused() {
     let app = TestApp::spawn().await;
-    let server = Server::start(&app).await;
-    // Incompressible bytes beside two 200 MiB "images" of zeros keep the
-    // whole stream within its ratio; what may not pile up is those images.
-    let mut noise = vec![0u8; 5 * MIB as usize];
-    rand::rngs::StdRng::seed_from_u64(0).fill_bytes(&mut noise);
-    let size = 200 * MIB;
+    // A long name within the cap on extension headers, past a path's.
+    let name = format!("{}0.png\0", "a/".repeat(1000));
     let archive = gzip(Compression::best(), |out| {
-        out.write_all(&gnu_header("noise.bin", b'0', noise.len() as u64))
+        let size = name.len() as u64;
+        out.write_all(&gnu_header("././@LongLink", b'L', size))
             .unwrap();
-        out.write_all(&noise).unwrap();
-        for name in ["a/0.png", "b/0.png"] {
-            out.write_all(&gnu_header(name, b'0', size)).unwrap();
-            zeros(out, size);
-        }
+        out.write_all(name.as_bytes()).unwrap();
+        zeros(out, size.next_multiple_of(512) - size);
+        out.write_all(&gnu_header("0.png", b'0', 0)).unwrap();
         zeros(out, 1024);
     });
-    let problem = assert_refused(&app, &server, "bomb within the ratio", archive).await;
-    assert_eq!(problem["errors"][0]["path"], "file");
-    let detail = problem["detail"].as_str().unwrap();
-    assert!(detail.contains("no decodable images"), "{detail}");
+    let reply = app
+        .post_bytes("/datasets", "application/gzip", archive)
+        .await;
+    let errors = reply.assert_problem(StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(errors[0]["path"], "file");
+    let reason = errors[0]["reason"].as_str().unwrap();
+    assert!(reason.contains("a path of 2005 bytes"), "{reason}");
+    app.assert_no_dataset_stored().await;
+}
+
+#[tokio::test]
+async fn a_deep_path_is_skipped_and_a_long_manifest_field_shown_in_part() {
+    let app = TestApp::spawn().await;
+    let mut entries: Vec<(String, Vec<u8>)> = (0..8)
+        .map(|i| {
+            let image = encode(&render(i % 2, i as u64, 32), ImageFormat::Png);
+            (format!("{}/{i}.png", SHAPES[i % 2]), image)
+        })
+        .collect();
+    let deep = format!("{}0.png", "d/".repeat(20));
+    entries.push((deep.clone(), entries[0].1.clone()));
+    let reply = app.upload_dataset(zip(&entries)).await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{:?}", reply.json);
+    assert_eq!(
+        reply.json["report"]["skipped"],
+        json!([{"path": deep, "reason": "nested deeper than 16 folders"}])
+    );
+
+    // A manifest row naming a 10,000-byte path: its error quotes 4 KiB of it.
+    entries.push((
+        "labels.csv".to_string(),
+        format!("{},disc\n", "p".repeat(10_000)).into_bytes(),
+    ));
+    let reply = app.upload_dataset(zip(&entries)).await;
+    let errors = reply.assert_problem(StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(errors[0]["path"], "labels.csv:1");
+    let reason = errors[0]["reason"].as_str().unwrap();
+    assert_eq!(reason, format!("{}…", "p".repeat(4096)));
 }
 
 /// Sends a hostile archive and asserts the refusal; returns its problem

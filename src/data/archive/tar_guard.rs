@@ -135,8 +135,8 @@ impl<R: Read> TarGuard<R> {
         self.data_left = size.checked_next_multiple_of(BLOCK).ok_or_else(|| {
             io::Error::new(io::ErrorKind::InvalidData, "tar entry size overflows")
         })?;
-        // The tar crate consumes these itself, keeping the pax records for
-        // the member that follows; any other entry ends that member.
+        // The tar crate consumes recognised long-name, long-link and pax
+        // entries itself; the pax records reach up to the next other entry.
         let recognized = header.as_gnu().is_some() || header.as_ustar().is_some();
         let describes_next = recognized
             && (kind.is_gnu_longname() || kind.is_gnu_longlink() || kind.is_pax_local_extensions());
