@@ -43,7 +43,7 @@ pub struct Config {
     pub workers: usize,
 
     /// Device for training and inference: `auto` (CUDA when present), `cpu`, or `cuda:N`.
-    #[arg(long, env = "FINETUNED_DEVICE", default_value = "auto")]
+    #[arg(long, env = "FINETUNED_DEVICE", default_value = "auto", value_parser = device_arg)]
     pub device: String,
 
     /// libtorch intra-op threads. 0 shares the cores among the workers
@@ -177,9 +177,30 @@ pub struct Config {
     #[arg(long, env = "FINETUNED_MAX_EVENT_STREAMS", default_value_t = 512)]
     pub max_event_streams: usize,
 
-    /// Log format: `text` or `json`.
-    #[arg(long, env = "FINETUNED_LOG_FORMAT", default_value = "text")]
-    pub log_format: String,
+    /// Log format.
+    #[arg(long, env = "FINETUNED_LOG_FORMAT", value_enum, ignore_case = true, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Refuses a `--device` that names no device at start, not at first use.
+fn device_arg(value: &str) -> Result<String, String> {
+    let value = value.trim().to_ascii_lowercase();
+    let well_formed = matches!(value.as_str(), "auto" | "cpu" | "cuda")
+        || value
+            .strip_prefix("cuda:")
+            .is_some_and(|n| n.parse::<usize>().is_ok());
+    if well_formed {
+        Ok(value)
+    } else {
+        Err(format!("{value:?} is not a device; use auto, cpu, cuda or cuda:N"))
+    }
 }
 
 impl Config {

@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 use finetuned::auth::{self, Scope};
-use finetuned::config::Config;
+use finetuned::config::{Config, LogFormat};
 use finetuned::models::{self, verify};
 use finetuned::{app, store};
 use tracing_subscriber::EnvFilter;
@@ -136,7 +136,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Keys { action } => action.config().clone(),
         Command::Weights { action } => action.config().clone(),
     };
-    init_tracing(&config.log_format);
+    init_tracing(config.log_format);
     tracing::debug!(?config, "configuration");
     match cli.command {
         Command::Serve(config) => app::serve(config, app::shutdown_signal()).await,
@@ -296,14 +296,14 @@ async fn keys(pool: &sqlx::PgPool, action: KeyAction) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn init_tracing(format: &str) {
+fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,tower_http=info"));
     // Logs go to stderr: stdout carries command output (a new key's token).
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    if format == "json" {
+    if format == LogFormat::Json {
         builder.json().init();
     } else {
         builder.init();

@@ -36,6 +36,10 @@ pub struct ScriptCheck {
     pub timeout: Duration,
 }
 
+/// What the check found: the inspected module and its prepared bytes, or
+/// the reasons to refuse it (shown to the uploader).
+pub type CheckOutcome = Result<(Inspected, Vec<u8>), Vec<String>>;
+
 /// The child's answer.
 #[derive(Serialize, Deserialize)]
 enum Verdict {
@@ -54,7 +58,7 @@ impl ScriptCheck {
         upload: &Path,
         image_size: i64,
         output: Output,
-    ) -> std::io::Result<Result<(Inspected, Vec<u8>), Vec<String>>> {
+    ) -> std::io::Result<CheckOutcome> {
         let input = std::fs::File::open(upload)?;
         let upload_bytes = input.metadata()?.len();
         let mut child = tokio::process::Command::new(&self.program)
@@ -110,7 +114,7 @@ impl ScriptCheck {
     }
 }
 
-fn parse_answer(out: &[u8]) -> Option<Result<(Inspected, Vec<u8>), Vec<String>>> {
+fn parse_answer(out: &[u8]) -> Option<CheckOutcome> {
     let newline = out.iter().position(|b| *b == b'\n')?;
     match serde_json::from_slice(&out[..newline]).ok()? {
         Verdict::Accepted(inspected) => Some(Ok((inspected, out[newline + 1..].to_vec()))),
