@@ -199,7 +199,9 @@ fn device_arg(value: &str) -> Result<String, String> {
     if well_formed {
         Ok(value)
     } else {
-        Err(format!("{value:?} is not a device; use auto, cpu, cuda or cuda:N"))
+        Err(format!(
+            "{value:?} is not a device; use auto, cpu, cuda or cuda:N"
+        ))
     }
 }
 

@@ -124,6 +124,12 @@ impl Worker {
         shutdown: Option<&watch::Receiver<bool>>,
     ) -> anyhow::Result<Outcome> {
         reap(&self.pool).await?;
+        // Below the free-space floor a job could not write its checkpoints:
+        // it stays queued (readiness says why) rather than failing midway.
+        if let Err(low) = self.artifacts.room() {
+            tracing::warn!(reason = %low, "taking no job until disk space is freed");
+            return Ok(Outcome::Idle);
+        }
         // The lease runs from the claim (a local bound on when it expires).
         let claimed_at = Instant::now();
         let Some(job) = jobs::claim(&self.pool, &self.id, self.lease.as_secs_f64()).await? else {

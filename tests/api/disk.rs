@@ -4,6 +4,8 @@
 use axum::http::StatusCode;
 use serde_json::json;
 
+use finetuned::train::Outcome;
+
 use crate::helpers::{shapes_zip, small_batching, Part, TestApp};
 
 #[tokio::test]
@@ -40,4 +42,19 @@ async fn below_the_free_space_floor_uploads_and_jobs_are_507_and_readiness_says_
     ready.assert_problem(StatusCode::SERVICE_UNAVAILABLE);
     assert!(ready.json["detail"].as_str().unwrap().contains("floor"));
     assert_eq!(app.get("/models").await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_worker_below_the_floor_takes_no_job_and_the_job_stays_queued() {
+    let mut app = TestApp::spawn().await;
+    let dataset_id = app.shapes_dataset(4, 32).await;
+    let job_id = app
+        .submit_job(json!({"dataset_id": dataset_id, "epochs": 1}))
+        .await;
+    app.worker.artifacts = app.artifacts.clone().with_min_free(u64::MAX / 4);
+    let outcome = app.worker.try_execute_one(None).await.expect("worker step");
+    assert!(matches!(outcome, Outcome::Idle), "it claimed a job");
+    let job = app.get(&format!("/jobs/{job_id}")).await.json;
+    assert_eq!(job["status"], "queued", "{job:?}");
+    assert_eq!(job["attempts"], 0, "{job:?}");
 }
