@@ -15,7 +15,7 @@ use crate::artifacts::Artifacts;
 use crate::auth::Auth;
 use crate::config::Config;
 use crate::models;
-use crate::serve::{ModelSpec, Predictor};
+use crate::serve::Predictor;
 use crate::store::embedded::Supervisor;
 use crate::store::{self, EmbeddedPostgres};
 use crate::train::Worker;
@@ -82,7 +82,7 @@ impl Database {
 
 /// The devices workers train on: every CUDA device for `auto`, else the CPU.
 pub fn worker_devices(config: &Config) -> anyhow::Result<Vec<Device>> {
-    let device = models::parse_device(&config.device).map_err(anyhow::Error::msg)?;
+    let device = crate::device::parse_device(&config.device).map_err(anyhow::Error::msg)?;
     let cuda = tch::Cuda::device_count() as usize;
     Ok((0..config.workers)
         .map(|i| match (config.device.as_str(), device) {
@@ -148,7 +148,7 @@ pub async fn serve(
     prepare_torch(&config);
     let db = Database::open(&config).await?;
     let artifacts = artifacts(&config)?;
-    let device = models::parse_device(&config.device).map_err(anyhow::Error::msg)?;
+    let device = crate::device::parse_device(&config.device).map_err(anyhow::Error::msg)?;
     let auth = Auth::new(db.pool.clone());
     check_exposure(&config, &auth).await?;
     let state = AppState {
@@ -292,7 +292,7 @@ fn warm_up_default_model(state: &AppState) {
             tracing::warn!(model_id = %model.id, error = %err, "could not fetch the default model");
             return;
         }
-        let result = match ModelSpec::of(&model, &state.artifacts) {
+        let result = match api::serving_spec(&model, &state.artifacts) {
             Ok(spec) => state
                 .predictor
                 .warm_up(spec)

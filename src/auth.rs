@@ -153,15 +153,23 @@ impl Auth {
         }
     }
 
+    /// The cache; a panic elsewhere while it was held leaves nothing half
+    /// written (each update is one assignment), so a poisoned lock is used.
+    fn cache(&self) -> std::sync::MutexGuard<'_, Cache> {
+        self.cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Whether requests must carry a key: once any key was created.
     pub async fn enabled(&self) -> sqlx::Result<bool> {
-        if let Some((enabled, at)) = self.cache.lock().unwrap().enabled {
+        if let Some((enabled, at)) = self.cache().enabled {
             if enabled || at.elapsed() < CACHE_TTL {
                 return Ok(enabled);
             }
         }
         let enabled = keys::any(&self.pool).await?;
-        self.cache.lock().unwrap().enabled = Some((enabled, Instant::now()));
+        self.cache().enabled = Some((enabled, Instant::now()));
         Ok(enabled)
     }
 
@@ -185,7 +193,7 @@ impl Auth {
                     let (pool, id) = (self.pool.clone(), key.id);
                     tokio::spawn(async move { keys::touch(&pool, id).await });
                 }
-                self.cache.lock().unwrap().remember(prefix, key.clone());
+                self.cache().remember(prefix, key.clone());
                 key
             }
         };
@@ -199,7 +207,7 @@ impl Auth {
 
     /// A fresh cache entry for the prefix: `Some(None)` is a known miss.
     fn cached(&self, prefix: &str) -> Option<Option<CachedKey>> {
-        let cache = self.cache.lock().unwrap();
+        let cache = self.cache();
         let (key, at) = cache.keys.get(prefix)?;
         (at.elapsed() < CACHE_TTL).then(|| key.clone())
     }

@@ -13,6 +13,7 @@
 //! - [`data`]: archive ingest, validation, train/val split, and the one
 //!   preprocessing path shared by training, evaluation and prediction.
 //! - [`models`]: the backbone catalogue, backbone networks, classifier heads.
+//! - [`device`]: `--device` names to libtorch devices and back.
 //! - [`train`]: job configuration, the training loop, metrics, the worker pool.
 //! - [`sandbox`]: the confined child process that first runs uploaded code.
 //! - [`serve`]: the inference thread that loads checkpoints and predicts.
@@ -25,6 +26,7 @@ pub mod artifacts;
 pub mod auth;
 pub mod config;
 pub mod data;
+pub mod device;
 pub mod durable;
 pub mod error;
 pub mod models;

@@ -170,7 +170,7 @@ fn weights(action: WeightsAction) -> anyhow::Result<()> {
                 println!(
                     "{:<20} {:<18} {:>11} {:>6} {:>7.1}%  {}",
                     spec.name,
-                    spec.family,
+                    spec.family(),
                     spec.parameters,
                     spec.default_image_size,
                     spec.imagenet_top1,

@@ -46,7 +46,7 @@ impl BackboneView {
     fn catalogue(spec: &BackboneSpec, weights_dir: &FsPath) -> Self {
         Self {
             name: spec.name.into(),
-            family: spec.family.into(),
+            family: spec.family().into(),
             parameters: spec.parameters,
             feature_dim: spec.feature_dim,
             default_image_size: spec.default_image_size,

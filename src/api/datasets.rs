@@ -255,12 +255,33 @@ fn ingested(report: &data::IngestReport) -> Ingested<'_> {
         num_train: total(&report.train_counts),
         num_val: total(&report.val_counts),
         num_test: total(&report.test_counts),
-        report: json!({
-            "skipped": report.skipped,
-            "duplicates": report.duplicates,
-            "leakage": report.leakage,
-        }),
+        report: report_json(report),
     }
+}
+
+/// Entries of each report list kept (in the answer and the row); a few
+/// kilobytes of archive may name millions of skipped files.
+const REPORT_ENTRIES: usize = 1000;
+
+/// The report, each list cut to [`REPORT_ENTRIES`] with the rest counted
+/// (`skipped_omitted`, …).
+fn report_json(report: &data::IngestReport) -> serde_json::Value {
+    let mut out = serde_json::Map::new();
+    let mut list = |name: &str, items: Vec<serde_json::Value>| {
+        let omitted = items.len().saturating_sub(REPORT_ENTRIES);
+        out.insert(
+            name.to_string(),
+            items.into_iter().take(REPORT_ENTRIES).collect(),
+        );
+        if omitted > 0 {
+            out.insert(format!("{name}_omitted"), omitted.into());
+        }
+    };
+    let values = |items: &[Vec<String>]| items.iter().map(|group| json!(group)).collect();
+    list("skipped", report.skipped.iter().map(|s| json!(s)).collect());
+    list("duplicates", values(&report.duplicates));
+    list("leakage", values(&report.leakage));
+    serde_json::Value::Object(out)
 }
 
 /// Runs the ingest on a blocking thread, recording its progress on the row

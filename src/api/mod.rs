@@ -32,6 +32,7 @@ use uuid::Uuid;
 
 pub use events::EventStreams;
 pub use limits::HttpLimits;
+pub(crate) use predict::serving_spec;
 
 use crate::artifacts::Artifacts;
 use crate::auth::{self, Auth};

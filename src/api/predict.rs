@@ -14,6 +14,7 @@ use uuid::Uuid;
 
 use super::extract::ApiQuery;
 use super::AppState;
+use crate::artifacts::Artifacts;
 use crate::data::preprocess;
 use crate::error::{ApiError, FieldError};
 use crate::serve::{ModelSpec, Prediction, ServeError};
@@ -268,7 +269,7 @@ pub(super) async fn model_spec(state: &AppState, model: &ModelRow) -> Result<Mod
         .await
         .map_err(|e| ApiError::Internal(e.into()))?;
     let mut spec =
-        ModelSpec::of(model, &state.artifacts).map_err(|e| ApiError::Internal(e.into()))?;
+        serving_spec(model, &state.artifacts).map_err(|e| ApiError::Internal(e.into()))?;
     if let Some(backbone) = crate::store::backbones::uploaded(&state.pool, &model.backbone).await? {
         state
             .artifacts
@@ -278,6 +279,24 @@ pub(super) async fn model_spec(state: &AppState, model: &ModelRow) -> Result<Mod
         spec.script = Some(backbone.spec(&state.artifacts));
     }
     Ok(spec)
+}
+
+/// The serving spec of a registered model, its checkpoint under `artifacts`
+/// (without an uploaded backbone: [`model_spec`] adds that).
+pub(crate) fn serving_spec(
+    model: &ModelRow,
+    artifacts: &Artifacts,
+) -> Result<ModelSpec, serde_json::Error> {
+    Ok(ModelSpec {
+        id: model.id,
+        checkpoint: artifacts.path(&model.artifact_key),
+        backbone: model.backbone.clone(),
+        labels: model.labels.0.clone(),
+        image_size: i64::from(model.image_size),
+        stored_size: model.stored_size as u32,
+        normalization: serde_json::from_value(model.normalization.0.clone())?,
+        script: None,
+    })
 }
 
 fn image_path(index: usize, filename: &Option<String>) -> String {

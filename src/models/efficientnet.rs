@@ -8,9 +8,9 @@ use tch::nn::{self, ModuleT};
 use tch::Tensor;
 
 use super::folded::{
-    Activation, FoldedBlock, FoldedConv, FoldedNet, Padding, SqueezeExcite, Variables, TORCH_BN_EPS,
+    Activation, FoldedBlock, FoldedConv, FoldedNet, Padding, SqueezeExcite, Variables,
 };
-use super::Stage;
+use super::layers::{Stage, TORCH_BN_EPS};
 
 /// Width and depth multipliers, and BatchNorm's epsilon and momentum
 /// (B5–B7 were ported from TensorFlow with 1e-3 and 0.01).

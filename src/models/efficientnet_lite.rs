@@ -5,11 +5,10 @@
 //! `_blocks.N._expand_conv`, …), so its ImageNet checkpoints load by name.
 
 use tch::nn::{self, ModuleT};
-use tch::Tensor;
 
 use super::efficientnet::STAGES;
 use super::folded::{Activation, FoldedBlock, FoldedConv, FoldedNet, Padding, Variables};
-use super::Stage;
+use super::layers::{same_conv, Stage};
 
 /// Channels of the pooled feature vector (the head is never scaled).
 pub const FEATURE_DIM: i64 = 1280;
@@ -95,50 +94,6 @@ fn groups(variant: Variant) -> Vec<Vec<Block>> {
                 .collect()
         })
         .collect()
-}
-
-/// Total zero padding of TensorFlow's "same" along a side of `n` pixels:
-/// the output side is `ceil(n / stride)`.
-fn same_total(n: i64, kernel: i64, stride: i64) -> i64 {
-    (((n + stride - 1) / stride - 1) * stride + kernel - n).max(0)
-}
-
-/// Zero padding as TensorFlow's "same", the odd pixel on the bottom/right.
-pub fn same_padding(x: &Tensor, kernel: i64, stride: i64) -> Tensor {
-    let size = x.size();
-    let (ph, pw) = (
-        same_total(size[2], kernel, stride),
-        same_total(size[3], kernel, stride),
-    );
-    if ph == 0 && pw == 0 {
-        x.shallow_clone()
-    } else {
-        x.constant_pad_nd([pw / 2, pw - pw / 2, ph / 2, ph - ph / 2])
-    }
-}
-
-/// A convolution with "same" padding. When the padding is even on both
-/// sides (every stride-1 convolution) the convolution pads by itself;
-/// only the odd cases copy the input into a padded tensor.
-pub fn same_conv(
-    x: &Tensor,
-    weight: &Tensor,
-    bias: Option<&Tensor>,
-    stride: i64,
-    groups: i64,
-) -> Tensor {
-    let kernel = weight.size()[2];
-    let size = x.size();
-    let (ph, pw) = (
-        same_total(size[2], kernel, stride),
-        same_total(size[3], kernel, stride),
-    );
-    let (input, padding) = if ph % 2 == 0 && pw % 2 == 0 {
-        (x.shallow_clone(), [ph / 2, pw / 2])
-    } else {
-        (same_padding(x, kernel, stride), [0, 0])
-    };
-    input.conv2d(weight, bias, [stride, stride], padding, [1, 1], groups)
 }
 
 /// Same-padded conv + BatchNorm (eps 1e-3), then ReLU6 when `relu6`.
@@ -344,15 +299,5 @@ mod tests {
         assert_eq!(repeats(LITE0), [1, 2, 2, 3, 3, 4, 1]);
         assert_eq!(repeats(LITE1), [1, 3, 3, 4, 4, 5, 1]);
         assert_eq!(repeats(LITE2), [1, 3, 3, 4, 4, 5, 1]);
-    }
-
-    #[test]
-    fn same_padding_puts_the_odd_pixel_last() {
-        let x = Tensor::ones([1, 1, 224, 224], (tch::Kind::Float, tch::Device::Cpu));
-        // 3×3, stride 2 on an even side: one pixel, at the bottom and right.
-        assert_eq!(same_padding(&x, 3, 2).size(), [1, 1, 225, 225]);
-        assert_eq!(same_padding(&x, 3, 2).double_value(&[0, 0, 0, 0]), 1.0);
-        assert_eq!(same_padding(&x, 3, 2).double_value(&[0, 0, 224, 224]), 0.0);
-        assert_eq!(same_padding(&x, 5, 1).size(), [1, 1, 228, 228]);
     }
 }

@@ -11,8 +11,7 @@ use std::collections::HashMap;
 
 use tch::Tensor;
 
-/// torchvision's (and tch's) BatchNorm epsilon.
-pub const TORCH_BN_EPS: f64 = 1e-5;
+use super::layers::{global_average_pool, same_conv, HEAD_PREFIX};
 
 /// How a convolution pads its input.
 #[derive(Debug, Clone, Copy)]
@@ -111,13 +110,7 @@ impl FoldedConv {
                     self.groups,
                 )
             }
-            Padding::Same => super::efficientnet_lite::same_conv(
-                x,
-                &self.weight,
-                Some(&self.bias),
-                self.stride,
-                self.groups,
-            ),
+            Padding::Same => same_conv(x, &self.weight, Some(&self.bias), self.stride, self.groups),
         };
         self.activation.apply(y)
     }
@@ -273,7 +266,7 @@ impl FoldedNet {
         for block in &self.blocks {
             x = block.forward(&x);
         }
-        super::global_average_pool(&x).linear(&self.head_weight, Some(&self.head_bias))
+        global_average_pool(&x).linear(&self.head_weight, Some(&self.head_bias))
     }
 }
 
@@ -290,8 +283,8 @@ impl Variables {
 
     pub fn head(&self) -> Result<(Tensor, Tensor), String> {
         Ok((
-            self.get(&format!("{}.weight", super::HEAD_PREFIX))?,
-            self.get(&format!("{}.bias", super::HEAD_PREFIX))?,
+            self.get(&format!("{HEAD_PREFIX}.weight"))?,
+            self.get(&format!("{HEAD_PREFIX}.bias"))?,
         ))
     }
 }

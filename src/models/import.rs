@@ -8,7 +8,7 @@ use std::process::Command;
 
 use tch::{nn, Device, Tensor};
 
-use super::BackboneSpec;
+use super::catalogue::BackboneSpec;
 
 /// The converter `scripts/setup` uses, embedded for `.pth` files.
 const CONVERT_SCRIPT: &str = include_str!("../../scripts/convert_weights.py");
@@ -85,8 +85,8 @@ fn check(staged: &Path, spec: &BackboneSpec) -> Result<Imported, String> {
         .into_iter()
         .collect();
     let vs = nn::VarStore::new(Device::Cpu);
-    let _stages = spec.build(&vs.root());
-    let classifier = spec.imagenet_classifier_prefix();
+    let _stages = spec.arch.stages(&vs.root());
+    let classifier = spec.arch.imagenet_classifier_prefix();
     let wanted = vs.variables();
     let mut problems = Vec::new();
     let mut names: Vec<&String> = wanted.keys().collect();

@@ -3,10 +3,8 @@
 
 use tch::nn::{self, ModuleT};
 
-use super::folded::{
-    Activation, FoldedBlock, FoldedConv, FoldedNet, Padding, Variables, TORCH_BN_EPS,
-};
-use super::Stage;
+use super::folded::{Activation, FoldedBlock, FoldedConv, FoldedNet, Padding, Variables};
+use super::layers::{global_average_pool, Stage, TORCH_BN_EPS};
 
 /// Channels of the pooled feature vector.
 pub const FEATURE_DIM: i64 = 1280;
@@ -123,7 +121,7 @@ pub fn features(root: &nn::Path) -> impl ModuleT {
         let x = stages
             .iter()
             .fold(xs.shallow_clone(), |x, s| s.forward_t(&x, train));
-        super::global_average_pool(&x)
+        global_average_pool(&x)
     })
 }
 

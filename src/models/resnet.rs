@@ -4,10 +4,8 @@
 
 use tch::nn::{self, ModuleT};
 
-use super::folded::{
-    Activation, FoldedBlock, FoldedConv, FoldedNet, Padding, Shortcut, Variables, TORCH_BN_EPS,
-};
-use super::Stage;
+use super::folded::{Activation, FoldedBlock, FoldedConv, FoldedNet, Padding, Shortcut, Variables};
+use super::layers::{Stage, TORCH_BN_EPS};
 
 /// Depth and block kind of one ResNet.
 #[derive(Debug, Clone, Copy)]

@@ -143,7 +143,7 @@ fn probe(module: &CModule, image_size: i64) -> Result<Tensor, String> {
 fn pool(output: Tensor) -> Option<Tensor> {
     match output.dim() {
         2 => Some(output),
-        4 => Some(super::global_average_pool(&output)),
+        4 => Some(super::layers::global_average_pool(&output)),
         _ => None,
     }
 }

@@ -6,9 +6,11 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use tch::{Kind, Tensor};
+use tch::nn::{self, Module};
+use tch::{Device, Kind, Tensor};
 
-use super::BackboneSpec;
+use super::catalogue::BackboneSpec;
+use super::layers::global_average_pool;
 use crate::data::preprocess;
 
 /// The reference script, embedded so the binary can verify on its own.
@@ -71,9 +73,8 @@ pub fn against_pytorch(
         spec.default_image_size,
         &spec.normalization,
     );
-    let network = spec
-        .imagenet_network(weights_dir)
-        .map_err(|e| format!("loading {}: {e}", spec.name))?;
+    let network =
+        imagenet_network(spec, weights_dir).map_err(|e| format!("loading {}: {e}", spec.name))?;
     let ours = network(&input);
 
     let work = std::env::temp_dir().join(format!(
@@ -104,6 +105,32 @@ pub fn against_pytorch(
         max_abs_difference,
         top5_mismatches,
         top1: Vec::try_from(ours.argmax(-1, false).to_kind(Kind::Int64)).expect("int64"),
+    })
+}
+
+/// The untouched pretrained network (its stages, pooling and ImageNet
+/// classifier), loaded from the weights file: ImageNet logits.
+fn imagenet_network(
+    spec: &BackboneSpec,
+    weights_dir: &Path,
+) -> Result<impl Fn(&Tensor) -> Tensor, tch::TchError> {
+    let mut vs = nn::VarStore::new(Device::Cpu);
+    let stages = spec.arch.stages(&vs.root());
+    let classifier_path = spec
+        .arch
+        .imagenet_classifier_prefix()
+        .split('.')
+        .fold(vs.root(), |path, part| &path / part);
+    let classifier = nn::linear(classifier_path, spec.feature_dim, 1000, Default::default());
+    vs.load(spec.weights_path(weights_dir))?;
+    Ok(move |xs: &Tensor| {
+        let _keep = &vs;
+        tch::no_grad(|| {
+            let x = stages
+                .iter()
+                .fold(xs.shallow_clone(), |x, s| s.forward_t(&x, false));
+            classifier.forward(&global_average_pool(&x))
+        })
     })
 }
 

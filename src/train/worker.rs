@@ -83,12 +83,12 @@ impl Worker {
             &self.pool,
             &self.id,
             &host,
-            &models::device_name(self.device),
+            &crate::device::device_name(self.device),
         )
         .await?;
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen(store::JOBS_CHANNEL).await?;
-        tracing::info!(worker = %self.id, device = %models::device_name(self.device), "worker started");
+        tracing::info!(worker = %self.id, device = %crate::device::device_name(self.device), "worker started");
         // On a timer, not only between jobs: a lost worker's job goes back to
         // the queue even while every worker here is busy.
         let reaper = tokio::spawn(reap_every(self.pool.clone(), reap_period(self.lease)));
@@ -154,7 +154,7 @@ impl Worker {
             .as_ref()
             .ok()
             .and_then(|(spec, _)| spec.resume.as_ref().map(|r| r.epoch));
-        let device = models::device_name(self.device);
+        let device = crate::device::device_name(self.device);
         let status = match jobs::start_run(&self.pool, &lease, &device, resumed_from).await? {
             None => {
                 tracing::warn!("the lease was lost before the run started: nothing written");

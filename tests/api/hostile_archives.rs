@@ -387,3 +387,27 @@ fn parse_answer(raw: &[u8]) -> std::io::Result<Answer> {
         body: joined,
     })
 }
+
+#[tokio::test]
+async fn a_report_lists_at_most_a_thousand_skipped_files_and_counts_the_rest() {
+    let app = TestApp::spawn().await;
+    let mut entries = Vec::new();
+    for (c, name) in SHAPES.iter().enumerate() {
+        for i in 0..4 {
+            let image = encode(&render(c, i, 32), ImageFormat::Png);
+            entries.push((format!("{name}/{i:02}.png"), image));
+        }
+    }
+    for i in 0..2500 {
+        entries.push((format!("{}/notes-{i:04}.txt", SHAPES[0]), b"x".to_vec()));
+    }
+    let created = app.upload_dataset(zip(&entries)).await;
+    assert_eq!(created.status, StatusCode::CREATED, "{:?}", created.json);
+    let report = &created.json["report"];
+    assert_eq!(report["skipped"].as_array().unwrap().len(), 1000);
+    assert_eq!(report["skipped_omitted"], 1500);
+    assert!(report.get("duplicates_omitted").is_none());
+    let id = created.json["id"].as_str().unwrap();
+    let stored = app.get(&format!("/datasets/{id}")).await.json;
+    assert_eq!(stored["report"]["skipped_omitted"], 1500);
+}

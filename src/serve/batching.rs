@@ -1,0 +1,194 @@
+//! The queue and the inference threads. Requests wait in a bounded queue (a
+//! full queue is refused at once, so overload never piles up memory). Each
+//! thread gathers the requests that arrive within a short window, up to a
+//! maximum batch, and runs each model's share as one forward pass.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel as channel;
+use tch::Device;
+use tokio::sync::oneshot;
+
+use super::cache::ModelCache;
+use super::{ModelSpec, Prediction, ServeError};
+use crate::telemetry;
+
+/// How the inference threads batch and queue.
+#[derive(Debug, Clone)]
+pub struct BatchingConfig {
+    pub device: Device,
+    /// Inference threads, each with its own copy of the models in use.
+    pub threads: usize,
+    /// Cores the inference threads share for libtorch's intra-op threads: a
+    /// forward pass running alone uses all of them, concurrent ones split
+    /// them (0: leave libtorch's default).
+    pub torch_threads: usize,
+    /// Loaded models kept in memory, at most.
+    pub cache_capacity: usize,
+    /// Bytes of loaded models' tensors kept in memory, at most (the model
+    /// in use always stays).
+    pub cache_bytes: usize,
+    /// How long the first request of a batch waits for company.
+    pub window: Duration,
+    /// Most images in one forward pass.
+    pub max_batch: usize,
+    /// Requests that may wait; more are refused.
+    pub queue: usize,
+}
+
+/// One caller's images for one model, and where its answer goes.
+pub(super) struct Request {
+    pub model: ModelSpec,
+    /// Canonical images from [`crate::data::preprocess::decode_canonical`].
+    pub images: Vec<Vec<u8>>,
+    pub top_k: usize,
+    pub reply: oneshot::Sender<Result<Vec<Vec<Prediction>>, ServeError>>,
+}
+
+/// A sender of requests to the inference threads.
+pub(super) type Line = channel::Sender<Request>;
+
+/// Starts the inference threads: returns the shared queue and each thread's
+/// private warm-up line.
+pub(super) fn spawn(config: BatchingConfig) -> std::io::Result<(Line, Vec<Line>)> {
+    let (queue, inbox) = channel::bounded::<Request>(config.queue.max(1));
+    let busy = Arc::new(AtomicUsize::new(0));
+    let mut warm_ups = Vec::new();
+    for i in 0..config.threads.max(1) {
+        let (warm_up, own) = channel::bounded::<Request>(4);
+        let (inbox, config, busy) = (inbox.clone(), config.clone(), busy.clone());
+        std::thread::Builder::new()
+            .name(format!("inference-{i}"))
+            .spawn(move || {
+                lower_priority();
+                let mut cache =
+                    ModelCache::new(config.cache_capacity, config.cache_bytes, config.device);
+                while let Some(batch) = next_batch(&inbox, &own, &config) {
+                    let running = busy.fetch_add(1, Ordering::SeqCst) + 1;
+                    // libtorch's intra-op thread count is per OS thread:
+                    // alone, a forward pass takes every core; under load
+                    // the passes split them instead of oversubscribing.
+                    if config.torch_threads > 0 {
+                        tch::set_num_threads((config.torch_threads / running).max(1) as i32);
+                    }
+                    run(&mut cache, batch);
+                    busy.fetch_sub(1, Ordering::SeqCst);
+                }
+            })?;
+        warm_ups.push(warm_up);
+    }
+    Ok((queue, warm_ups))
+}
+
+/// Queues a request, refusing it at once when the line is full.
+pub(super) fn send(line: &Line, request: Request) -> Result<(), ServeError> {
+    line.try_send(request).map_err(|err| match err {
+        channel::TrySendError::Full(_) => ServeError::Overloaded,
+        channel::TrySendError::Disconnected(_) => ServeError::Stopped,
+    })
+}
+
+/// Forward passes yield the cores to the HTTP threads when both want them,
+/// so a saturated server still reads requests, answers 503s and writes
+/// replies at once (measured: a tighter latency tail under load). The
+/// libtorch threads this thread starts inherit it.
+fn lower_priority() {
+    // Linux: a thread's nice value is its own; raising it needs no privilege.
+    let tid = unsafe { libc::gettid() };
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, INFERENCE_NICE) } != 0 {
+        tracing::debug!("could not lower the inference thread's priority");
+    }
+}
+
+/// Nice value of the inference threads (0 is normal, 19 the lowest).
+const INFERENCE_NICE: libc::c_int = 5;
+
+/// The next batch for this thread: a warm-up of its own, or requests from
+/// the shared queue. `None` when every handle is gone.
+fn next_batch(
+    inbox: &channel::Receiver<Request>,
+    own: &channel::Receiver<Request>,
+    config: &BatchingConfig,
+) -> Option<Vec<Request>> {
+    channel::select! {
+        recv(own) -> warm_up => warm_up.ok().map(|r| vec![r]),
+        recv(inbox) -> first => gather(first.ok()?, inbox, config),
+    }
+}
+
+/// Gathers what arrives within the window after `first`, up to the maximum
+/// batch.
+fn gather(
+    first: Request,
+    inbox: &channel::Receiver<Request>,
+    config: &BatchingConfig,
+) -> Option<Vec<Request>> {
+    let deadline = Instant::now() + config.window;
+    let mut images = first.images.len();
+    let mut batch = vec![first];
+    while images < config.max_batch {
+        match inbox.recv_deadline(deadline) {
+            Ok(request) => {
+                images += request.images.len();
+                batch.push(request);
+            }
+            Err(_) => break,
+        }
+    }
+    Some(batch)
+}
+
+/// Runs a gathered batch: one forward pass per model, then each request
+/// gets its own rows.
+fn run(cache: &mut ModelCache, batch: Vec<Request>) {
+    let mut pending = batch;
+    while !pending.is_empty() {
+        let model_id = pending[0].model.id;
+        let (group, rest): (Vec<Request>, Vec<Request>) =
+            pending.into_iter().partition(|r| r.model.id == model_id);
+        pending = rest;
+        let images: Vec<Vec<u8>> = group
+            .iter()
+            .flat_map(|r| r.images.iter().cloned())
+            .collect();
+        let max_k = group.iter().map(|r| r.top_k).max().unwrap_or(1);
+        metrics::histogram!(telemetry::PREDICT_BATCH_SIZE).record(images.len() as f64);
+        metrics::counter!(telemetry::PREDICT_IMAGES).increment(images.len() as u64);
+        let started = Instant::now();
+        let result = cache
+            .get(&group[0].model)
+            .and_then(|model| model.top_k(&images, max_k));
+        tracing::debug!(
+            requests = group.len(),
+            images = images.len(),
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            "forward pass"
+        );
+        match result {
+            Ok(mut rows) => {
+                for request in group {
+                    let rest = rows.split_off(request.images.len());
+                    let mine = std::mem::replace(&mut rows, rest);
+                    let mine = mine.into_iter().map(|mut p| {
+                        p.truncate(request.top_k);
+                        p
+                    });
+                    let _ = request.reply.send(Ok(mine.collect()));
+                }
+            }
+            Err(err) => {
+                for request in group {
+                    let _ = request.reply.send(Err(match &err {
+                        ServeError::Load { id, reason } => ServeError::Load {
+                            id: *id,
+                            reason: reason.clone(),
+                        },
+                        other => ServeError::Inference(other.to_string()),
+                    }));
+                }
+            }
+        }
+    }
+}
