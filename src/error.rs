@@ -1,4 +1,8 @@
 //! The HTTP error type. Every error leaves as RFC 9457 `application/problem+json`.
+//!
+//! Lower layers have their own errors (`store::Error`, `DataError`,
+//! `ArtifactError`, …); each converts in with `From`, and whatever is not the
+//! client's fault is logged and answered as a generic 500.
 
 use axum::extract::multipart::MultipartError;
 use axum::extract::multipart::MultipartRejection;
@@ -7,22 +11,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-/// One offending input: where it is (a JSON field, a form part, a file in an
-/// archive) and what is wrong with it.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct FieldError {
-    pub path: String,
-    pub reason: String,
-}
-
-impl FieldError {
-    pub fn new(path: impl Into<String>, reason: impl Into<String>) -> Self {
-        Self {
-            path: path.into(),
-            reason: reason.into(),
-        }
-    }
-}
+pub use crate::validation::{FieldError, MAX_LISTED_ERRORS};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -116,9 +105,6 @@ fn is_zero(n: &usize) -> bool {
     *n == 0
 }
 
-/// Most errors a problem document lists; the rest are only counted (in
-/// `errors_omitted`), so that no input makes the answer large.
-pub const MAX_LISTED_ERRORS: usize = 100;
 /// Longest `path` or `reason` a listed error shows, for the same reason.
 const MAX_ERROR_TEXT_BYTES: usize = 4096;
 
@@ -207,9 +193,50 @@ impl From<crate::artifacts::LowDisk> for ApiError {
     }
 }
 
-impl From<sqlx::Error> for ApiError {
-    fn from(err: sqlx::Error) -> Self {
+/// Internal: whatever the database said is logged, never shown.
+impl From<crate::store::Error> for ApiError {
+    fn from(err: crate::store::Error) -> Self {
         Self::Internal(err.into())
+    }
+}
+
+/// Internal: the shared artifact store or the local disk failed.
+impl From<crate::artifacts::ArtifactError> for ApiError {
+    fn from(err: crate::artifacts::ArtifactError) -> Self {
+        Self::Internal(err.into())
+    }
+}
+
+/// Internal: a local file could not be written, moved or read.
+impl From<std::io::Error> for ApiError {
+    fn from(err: std::io::Error) -> Self {
+        Self::Internal(err.into())
+    }
+}
+
+/// Internal: a blocking task panicked or was cancelled.
+impl From<tokio::task::JoinError> for ApiError {
+    fn from(err: tokio::task::JoinError) -> Self {
+        Self::Internal(err.into())
+    }
+}
+
+/// An ingest's findings in the upload are the client's (422); its own
+/// failures (disk, tensors) are internal.
+impl From<crate::data::DataError> for ApiError {
+    fn from(err: crate::data::DataError) -> Self {
+        match err {
+            crate::data::DataError::Invalid {
+                detail,
+                errors,
+                omitted,
+            } => Self::Invalid {
+                detail,
+                errors,
+                omitted,
+            },
+            other => Self::Internal(other.into()),
+        }
     }
 }
 

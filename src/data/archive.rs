@@ -22,7 +22,7 @@ use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::path::Path;
 
-use crate::error::FieldError;
+use crate::validation::FieldError;
 use tar_guard::{Refusal, TarGuard};
 
 use super::{DataError, Problems, Skipped};

@@ -14,7 +14,7 @@ use std::path::Path;
 use serde::Serialize;
 use tch::Tensor;
 
-use crate::error::{FieldError, MAX_LISTED_ERRORS};
+use crate::validation::{FieldError, MAX_LISTED_ERRORS};
 use archive::GivenSplit;
 pub use stored::{TEST_FILE, TRAIN_FILE, VAL_FILE};
 

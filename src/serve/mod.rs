@@ -4,14 +4,14 @@
 //!
 //! - this module: the handle, what a request names ([`ModelSpec`]) and what
 //!   it gets back ([`Prediction`], [`ServeError`]).
-//! - [`batching`]: the bounded queue and the inference threads that gather
+//! - `batching`: the bounded queue and the inference threads that gather
 //!   requests into batches and answer each.
-//! - [`cache`]: each thread's loaded models, bounded by count and bytes.
-//! - [`loading`]: a checkpoint loaded as the serving network, and its
+//! - `cache`: each thread's loaded models, bounded by count and bytes.
+//! - `loading`: a checkpoint loaded as the serving network, and its
 //!   top-k forward pass.
-//! - [`export`]: the serving network written as a TorchScript module.
+//! - `export`: the serving network written as a TorchScript module.
 //!
-//! `serve` knows models and preprocessing only: callers build a
+//! `serve` knows models, preprocessing and metric names only: callers build a
 //! [`ModelSpec`] from whatever they store.
 
 mod batching;

@@ -1,13 +1,15 @@
 //! The `script_backbones` table: TorchScript backbones users uploaded.
+//!
+//! Rows are plain data; turning one into what training and serving load is
+//! the caller's (`train::backbone`).
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::types::Json;
 use sqlx::PgPool;
 
-use crate::artifacts::Artifacts;
 use crate::data::preprocess::Normalization;
-use crate::models::script::{ScriptSpec, ScriptStage};
+use crate::models::script::ScriptStage;
 
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct ScriptBackboneRow {
@@ -26,40 +28,49 @@ pub struct ScriptBackboneRow {
     pub created_at: DateTime<Utc>,
 }
 
-impl ScriptBackboneRow {
-    /// What training and serving need, the module at its local path.
-    pub fn spec(&self, artifacts: &Artifacts) -> ScriptSpec {
-        ScriptSpec {
-            name: self.name.clone(),
-            module_path: artifacts.path(&self.artifact_key),
-            image_size: self.image_size.into(),
-            normalization: self.normalization.0,
-            feature_dim: self.feature_dim.into(),
-            stages: self.stages.0.clone(),
-            removed_layer: self.removed_layer.clone(),
-        }
-    }
+/// A checked upload, its module already under `artifact_key`.
+pub struct NewScriptBackbone {
+    pub name: String,
+    pub image_size: i32,
+    pub normalization: Normalization,
+    pub feature_dim: i32,
+    pub parameters: i64,
+    pub stages: Vec<ScriptStage>,
+    pub removed_layer: Option<String>,
+    pub source_file: Option<String>,
+    pub bytes: i64,
+    pub sha256: String,
+    pub artifact_key: String,
 }
 
-pub async fn insert(pool: &PgPool, row: &ScriptBackboneRow) -> sqlx::Result<ScriptBackboneRow> {
-    sqlx::query_as(
+/// Records an upload; `None` when a backbone of that name exists already.
+pub async fn insert(
+    pool: &PgPool,
+    row: &NewScriptBackbone,
+) -> sqlx::Result<Option<ScriptBackboneRow>> {
+    let inserted = sqlx::query_as(
         "INSERT INTO script_backbones (name, image_size, normalization, feature_dim, parameters, stages, removed_layer, source_file, bytes, sha256, artifact_key)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
          RETURNING *",
     )
     .bind(&row.name)
     .bind(row.image_size)
-    .bind(row.normalization)
+    .bind(Json(row.normalization))
     .bind(row.feature_dim)
     .bind(row.parameters)
-    .bind(&row.stages)
+    .bind(Json(&row.stages))
     .bind(&row.removed_layer)
     .bind(&row.source_file)
     .bind(row.bytes)
     .bind(&row.sha256)
     .bind(&row.artifact_key)
     .fetch_one(pool)
-    .await
+    .await;
+    match inserted {
+        Ok(row) => Ok(Some(row)),
+        Err(sqlx::Error::Database(db)) if db.is_unique_violation() => Ok(None),
+        Err(err) => Err(err),
+    }
 }
 
 pub async fn get(pool: &PgPool, name: &str) -> sqlx::Result<Option<ScriptBackboneRow>> {
@@ -67,15 +78,6 @@ pub async fn get(pool: &PgPool, name: &str) -> sqlx::Result<Option<ScriptBackbon
         .bind(name)
         .fetch_optional(pool)
         .await
-}
-
-/// The uploaded backbone a job or model names; `None` for catalogue names
-/// (which uploads cannot take) and unknown ones.
-pub async fn uploaded(pool: &PgPool, name: &str) -> sqlx::Result<Option<ScriptBackboneRow>> {
-    if crate::models::find(name).is_some() {
-        return Ok(None);
-    }
-    get(pool, name).await
 }
 
 pub async fn list(pool: &PgPool) -> sqlx::Result<Vec<ScriptBackboneRow>> {

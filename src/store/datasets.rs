@@ -7,11 +7,13 @@ use sqlx::types::Json;
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use super::DatasetStatus;
+
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct DatasetRow {
     pub id: Uuid,
     pub name: String,
-    pub status: String,
+    pub status: DatasetStatus,
     pub classes: Json<Vec<String>>,
     pub counts: Json<Value>,
     pub num_train: i32,
@@ -157,12 +159,12 @@ pub enum Deletion {
 pub async fn delete(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<Deletion>> {
     let mut tx = pool.begin().await?;
     // Locks the row: a job inserted meanwhile waits for this decision.
-    let found: Option<String> =
+    let found: Option<DatasetStatus> =
         sqlx::query_scalar("SELECT status FROM datasets WHERE id = $1 FOR UPDATE")
             .bind(id)
             .fetch_optional(&mut *tx)
             .await?;
-    if found.is_none_or(|status| status == "deleted") {
+    if found.is_none_or(|status| status == DatasetStatus::Deleted) {
         return Ok(None);
     }
     let active: Vec<Uuid> = sqlx::query_scalar(

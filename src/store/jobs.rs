@@ -9,14 +9,14 @@ use sqlx::types::Json;
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
-use super::JOBS_CHANNEL;
+use super::{JobStatus, RunOutcome, JOBS_CHANNEL};
 
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct JobRow {
     pub id: Uuid,
     pub dataset_id: Uuid,
     pub config: Json<Value>,
-    pub status: String,
+    pub status: JobStatus,
     pub priority: i32,
     pub attempts: i32,
     pub max_attempts: i32,
@@ -36,12 +36,6 @@ pub struct JobRow {
     /// The best checkpoint's scores on the dataset's test split.
     pub test_metrics: Option<Json<Value>>,
 }
-
-/// Every status a job can have.
-pub const STATUSES: [&str; 5] = ["queued", "running", "succeeded", "failed", "cancelled"];
-
-/// Statuses a job never leaves.
-pub const TERMINAL: [&str; 3] = ["succeeded", "failed", "cancelled"];
 
 /// A worker's hold on one attempt of a job. The attempt number is the
 /// fencing token: a takeover raises it, so a worker that lost the job (frozen,
@@ -315,16 +309,17 @@ pub async fn heartbeat(pool: &PgPool, lease: &Lease, lease_secs: f64) -> sqlx::R
     Ok(renewed == 1)
 }
 
-/// Ends a job the worker holds: `succeeded`, `failed` or `cancelled`. A
-/// worker calls it inside its [`fence`], after the other writes of the
-/// outcome, as this clears the lease.
+/// Ends a job the worker holds with a terminal `status`. A worker calls it
+/// inside its [`fence`], after the other writes of the outcome, as this
+/// clears the lease.
 pub async fn finish(
     tx: &mut sqlx::PgConnection,
     id: Uuid,
     worker: &str,
-    status: &str,
+    status: JobStatus,
     error: Option<&str>,
 ) -> sqlx::Result<bool> {
+    debug_assert!(status.is_terminal());
     let done = sqlx::query(
         "UPDATE jobs SET status = $3, error = $4, finished_at = now(), updated_at = now(),
              lease_owner = NULL, lease_expires_at = NULL, progress = NULL
@@ -382,7 +377,7 @@ pub async fn start_run(
 pub async fn finish_run(
     fenced: &mut Fenced<'_>,
     run_id: Uuid,
-    outcome: &str,
+    outcome: RunOutcome,
     error: Option<&str>,
 ) -> sqlx::Result<()> {
     sqlx::query(
@@ -513,7 +508,7 @@ pub struct RunRow {
     pub device: String,
     pub started_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
-    pub outcome: Option<String>,
+    pub outcome: Option<RunOutcome>,
     pub error: Option<String>,
     pub resumed_from_epoch: Option<i32>,
     pub cached_features: Option<bool>,

@@ -1,5 +1,7 @@
 //! Postgres through sqlx: connection, migrations, one module per table group.
 //!
+//! The only layer that speaks SQL or names sqlx: the others hold a [`Pool`],
+//! call these functions and get plain rows, [`status`] enums and [`Error`].
 //! Queries are checked at run time (`query_as`), so building the crate needs
 //! no database; the integration tests run every one of them.
 
@@ -11,6 +13,9 @@ pub mod jobs;
 pub mod keys;
 pub mod metrics;
 pub mod models;
+pub mod stats;
+pub mod status;
+pub mod wakeups;
 
 use std::time::Duration;
 
@@ -18,6 +23,13 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
 pub use embedded::EmbeddedPostgres;
+pub use status::{DatasetStatus, JobStatus, RunOutcome};
+
+/// A pool of Postgres connections; cheap to clone.
+pub type Pool = PgPool;
+/// What a database call can fail with (logged, never shown to clients).
+pub type Error = sqlx::Error;
+pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// The channel `LISTEN`ed to by idle workers; a new job `NOTIFY`s it.
 pub const JOBS_CHANNEL: &str = "finetuned_jobs";
@@ -93,4 +105,18 @@ where
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
     MIGRATOR.run(pool).await?;
     Ok(())
+}
+
+/// The built-in migrations the database has not applied (`version_name`),
+/// in order: empty once it is up to date.
+pub async fn pending_migrations(pool: &PgPool) -> Result<Vec<String>> {
+    let applied: Vec<i64> =
+        sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
+            .fetch_all(pool)
+            .await?;
+    Ok(MIGRATOR
+        .iter()
+        .filter(|m| !applied.contains(&m.version))
+        .map(|m| format!("{}_{}", m.version, m.description))
+        .collect())
 }

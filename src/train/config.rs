@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::augment::Augmentation;
-use crate::error::FieldError;
+use crate::validation::FieldError;
 use crate::models::{self, script::ScriptSpec};
 
 /// The body of `POST /jobs`. Everything but `dataset_id` is optional.
