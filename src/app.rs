@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use sqlx::PgPool;
 use tch::Device;
 use tokio::sync::watch;
 
@@ -25,7 +24,7 @@ const IDLE_POLL: Duration = Duration::from_secs(5);
 
 /// The database the service runs on, and the embedded server if it uses one.
 pub struct Database {
-    pub pool: PgPool,
+    pub pool: store::Pool,
     pub embedded: Option<Arc<EmbeddedPostgres>>,
     /// Restarts the embedded server should it die while this process runs.
     supervisor: Option<Supervisor>,
@@ -106,7 +105,7 @@ fn artifacts(config: &Config) -> anyhow::Result<Artifacts> {
 
 fn spawn_workers(
     config: &Config,
-    pool: &PgPool,
+    pool: &store::Pool,
     artifacts: &Artifacts,
     shutdown: &watch::Receiver<bool>,
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<anyhow::Result<()>>>> {
@@ -288,11 +287,8 @@ fn warm_up_default_model(state: &AppState) {
                 return;
             }
         };
-        if let Err(err) = state.artifacts.fetch_final(&model.artifact_key).await {
-            tracing::warn!(model_id = %model.id, error = %err, "could not fetch the default model");
-            return;
-        }
-        let result = match api::serving_spec(&model, &state.artifacts) {
+        // The same spec `/predict` builds (an uploaded backbone included).
+        let result = match api::model_spec(&state, &model).await {
             Ok(spec) => state
                 .predictor
                 .warm_up(spec)

@@ -3,25 +3,21 @@
 //! Postgres keeps the prefix and a SHA-256 of the secret; the token itself is
 //! printed once by `finetuned keys create`. Auth is on once any key has been
 //! created; before that the API is open (and `serve` refuses non-loopback
-//! addresses unless told otherwise).
+//! addresses unless told otherwise). Which route needs which scope, and the
+//! middleware asking, are the API's (`api::auth`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::extract::{Request, State};
-use axum::http::{header, Method};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
-use sqlx::PgPool;
 use subtle::ConstantTimeEq;
 use uuid::Uuid;
 
-use crate::error::ApiError;
 use crate::store::keys::{self, KeyRow};
+use crate::store::{self, Pool};
 
 /// How long a looked-up key (or "no keys exist") is trusted before Postgres
 /// is asked again: a revocation takes effect within this time.
@@ -57,22 +53,21 @@ impl Scope {
         }
     }
 
-    fn allows(self, needed: Scope) -> bool {
+    /// Whether a key of this scope may do what needs `needed`.
+    pub fn allows(self, needed: Scope) -> bool {
         self == Scope::Admin || self == needed
     }
 }
 
-/// The scope a request needs, or `None` for the open operational routes.
-pub fn required_scope(method: &Method, path: &str) -> Option<Scope> {
-    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-    match (method, segments.as_slice()) {
-        (_, ["healthz" | "readyz" | "metrics" | "openapi.yaml"]) => None,
-        (&Method::POST, ["predict"]) => Some(Scope::Predict),
-        (&Method::GET | &Method::HEAD, ["models" | "backbones"] | ["models" | "backbones", _]) => {
-            Some(Scope::Predict)
-        }
-        _ => Some(Scope::Admin),
-    }
+/// Why a token was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// Not shaped like a token we issue, unknown, revoked, or a wrong secret.
+    #[error("unknown or revoked API key")]
+    UnknownKey,
+    /// The keys could not be read.
+    #[error(transparent)]
+    Store(#[from] store::Error),
 }
 
 /// A key as created: the row, and the token shown to the user once.
@@ -81,7 +76,7 @@ pub struct NewKey {
     pub token: String,
 }
 
-pub async fn create_key(pool: &PgPool, name: &str, scope: Scope) -> sqlx::Result<NewKey> {
+pub async fn create_key(pool: &Pool, name: &str, scope: Scope) -> store::Result<NewKey> {
     let mut rng = rand::thread_rng();
     let mut prefix = [0u8; 6];
     let mut secret = [0u8; 32];
@@ -141,12 +136,12 @@ impl Cache {
 /// prediction path does not query per request.
 #[derive(Clone)]
 pub struct Auth {
-    pool: PgPool,
+    pool: Pool,
     cache: Arc<Mutex<Cache>>,
 }
 
 impl Auth {
-    pub fn new(pool: PgPool) -> Self {
+    pub fn new(pool: Pool) -> Self {
         Self {
             pool,
             cache: Arc::default(),
@@ -162,7 +157,7 @@ impl Auth {
     }
 
     /// Whether requests must carry a key: once any key was created.
-    pub async fn enabled(&self) -> sqlx::Result<bool> {
+    pub async fn enabled(&self) -> store::Result<bool> {
         if let Some((enabled, at)) = self.cache().enabled {
             if enabled || at.elapsed() < CACHE_TTL {
                 return Ok(enabled);
@@ -174,9 +169,8 @@ impl Auth {
     }
 
     /// The scope of a valid, unrevoked token.
-    pub async fn authenticate(&self, token: &str) -> Result<Scope, ApiError> {
-        let unknown = || ApiError::Unauthorized("unknown or revoked API key".into());
-        let (prefix, secret) = split_token(token).ok_or_else(unknown)?;
+    pub async fn authenticate(&self, token: &str) -> Result<Scope, AuthError> {
+        let (prefix, secret) = split_token(token).ok_or(AuthError::UnknownKey)?;
         let key = match self.cached(prefix) {
             Some(key) => key,
             None => {
@@ -197,11 +191,11 @@ impl Auth {
                 key
             }
         };
-        let key = key.ok_or_else(unknown)?;
+        let key = key.ok_or(AuthError::UnknownKey)?;
         if bool::from(hash(secret).ct_eq(&key.secret_hash)) {
             Ok(key.scope)
         } else {
-            Err(unknown())
+            Err(AuthError::UnknownKey)
         }
     }
 
@@ -213,73 +207,9 @@ impl Auth {
     }
 }
 
-/// Middleware: lets a request through when its route is open, auth is off,
-/// or its bearer token's scope covers the route.
-pub async fn require_key(State(auth): State<Auth>, request: Request, next: Next) -> Response {
-    let Some(needed) = required_scope(request.method(), request.uri().path()) else {
-        return next.run(request).await;
-    };
-    // Owned copies: the request body is not `Sync`, so no borrow of the
-    // request may live across an await.
-    let route = format!("{} {}", request.method(), request.uri().path());
-    let header = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .map(|v| v.to_str().unwrap_or("").to_string());
-    match check(&auth, needed, &route, header).await {
-        Ok(()) => next.run(request).await,
-        Err(err) => err.into_response(),
-    }
-}
-
-async fn check(
-    auth: &Auth,
-    needed: Scope,
-    route: &str,
-    header: Option<String>,
-) -> Result<(), ApiError> {
-    if !auth.enabled().await? {
-        return Ok(());
-    }
-    let header = header.ok_or_else(|| {
-        ApiError::Unauthorized(
-            "this route needs an API key: send `Authorization: Bearer <key>`".into(),
-        )
-    })?;
-    let token = header.strip_prefix("Bearer ").ok_or_else(|| {
-        ApiError::Unauthorized("the Authorization header must be `Bearer <key>`".into())
-    })?;
-    let scope = auth.authenticate(token.trim()).await?;
-    if scope.allows(needed) {
-        Ok(())
-    } else {
-        Err(ApiError::Forbidden(format!(
-            "a `{}` key cannot {route}; it needs an `{}` key",
-            scope.as_str(),
-            needed.as_str()
-        )))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn scopes_by_route() {
-        let admin = Some(Scope::Admin);
-        let predict = Some(Scope::Predict);
-        assert_eq!(required_scope(&Method::GET, "/healthz"), None);
-        assert_eq!(required_scope(&Method::GET, "/metrics"), None);
-        assert_eq!(required_scope(&Method::POST, "/predict"), predict);
-        assert_eq!(required_scope(&Method::GET, "/models"), predict);
-        assert_eq!(required_scope(&Method::GET, "/models/abc"), predict);
-        assert_eq!(required_scope(&Method::GET, "/models/abc/export"), admin);
-        assert_eq!(required_scope(&Method::POST, "/models/abc/deploy"), admin);
-        assert_eq!(required_scope(&Method::POST, "/datasets"), admin);
-        assert_eq!(required_scope(&Method::GET, "/jobs"), admin);
-        assert_eq!(required_scope(&Method::GET, "/nowhere"), admin);
-    }
 
     #[test]
     fn tokens_split_into_prefix_and_secret() {

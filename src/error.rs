@@ -193,6 +193,16 @@ impl From<crate::artifacts::LowDisk> for ApiError {
     }
 }
 
+/// 401 for a token that is not a valid key; internal when keys could not be read.
+impl From<crate::auth::AuthError> for ApiError {
+    fn from(err: crate::auth::AuthError) -> Self {
+        match err {
+            crate::auth::AuthError::UnknownKey => Self::Unauthorized(err.to_string()),
+            crate::auth::AuthError::Store(err) => err.into(),
+        }
+    }
+}
+
 /// Internal: whatever the database said is logged, never shown.
 impl From<crate::store::Error> for ApiError {
     fn from(err: crate::store::Error) -> Self {

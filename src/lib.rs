@@ -3,11 +3,14 @@
 //! # Layout
 //!
 //! - [`config`]: every setting, from flags and environment variables.
-//! - [`auth`]: API keys (bearer tokens with a scope) and the middleware checking them.
+//! - [`auth`]: API keys: bearer tokens with a scope, made and checked.
+//! - [`validation`]: [`validation::FieldError`], what any layer reports of a bad input.
 //! - [`error`]: the HTTP error type, rendered as RFC 9457 problem+json.
-//! - [`api`]: the axum router, one module per resource; never holds a tensor.
+//! - [`api`]: the axum router, one module per resource, and its middleware;
+//!   never holds a tensor. The only module that knows HTTP.
 //! - [`store`]: Postgres through sqlx (one module per table group), the job
-//!   queue, and the embedded private cluster used when no `DATABASE_URL` is set.
+//!   queue, and the embedded private cluster used when no `DATABASE_URL` is
+//!   set. The only module that speaks SQL.
 //! - [`artifacts`]: where uploaded archives, decoded datasets and checkpoints live.
 //! - [`durable`]: files written whole or not at all, surviving power loss.
 //! - [`data`]: archive ingest, validation, train/val split, and the one
@@ -17,8 +20,12 @@
 //! - [`train`]: job configuration, the training loop, metrics, the worker pool.
 //! - [`sandbox`]: the confined child process that first runs uploaded code.
 //! - [`serve`]: the inference thread that loads checkpoints and predicts.
-//! - [`telemetry`]: Prometheus metrics and the request-counting middleware.
+//! - [`telemetry`]: the Prometheus recorder and every metric's name.
 //! - [`app`]: wiring: start the database, workers and HTTP server together.
+//!
+//! Dependencies point down: `api` → `store`, `train`, `serve`, `data` →
+//! `models` → `data`; `data` and `models` know neither HTTP nor the
+//! database (`tests/layering.rs` keeps it so).
 
 pub mod api;
 pub mod app;
@@ -36,6 +43,7 @@ pub mod serve;
 pub mod store;
 pub mod telemetry;
 pub mod train;
+pub mod validation;
 
 /// The per-user cache `scripts/setup` fills (torch, weights, sample
 /// photos): `FINETUNED_CACHE`, else `$XDG_CACHE_HOME/finetuned`, else

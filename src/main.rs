@@ -250,7 +250,7 @@ fn weights(action: WeightsAction) -> anyhow::Result<()> {
     }
 }
 
-async fn keys(pool: &sqlx::PgPool, action: KeyAction) -> anyhow::Result<()> {
+async fn keys(pool: &store::Pool, action: KeyAction) -> anyhow::Result<()> {
     match action {
         KeyAction::Create { scope, name, .. } => {
             let scope = Scope::parse(&scope).ok_or_else(|| {

@@ -1,12 +1,9 @@
-//! Prometheus metrics: one recorder per process, metric names in one place,
-//! and the HTTP middleware that counts requests by route and status.
+//! Prometheus metrics: one recorder per process and the metric names in one
+//! place. (The HTTP middleware counting requests is `api::telemetry`.)
 
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use axum::extract::{MatchedPath, Request};
-use axum::middleware::Next;
-use axum::response::Response;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 pub const HTTP_REQUESTS: &str = "finetuned_http_requests_total";
@@ -88,27 +85,4 @@ fn describe() {
     );
     describe_counter!(PREDICT_IMAGES, "Images predicted");
     describe_counter!(MODEL_CACHE, "Inference model lookups: hit or load");
-}
-
-/// Middleware: counts and times every request under its route template
-/// (`/jobs/{id}`), so ids do not explode the label set.
-pub async fn track_http(request: Request, next: Next) -> Response {
-    let started = Instant::now();
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
-    // Clients may send any token as a method: unknown ones share a label.
-    let method = match request.method().as_str() {
-        known @ ("GET" | "HEAD" | "POST" | "PUT" | "PATCH" | "DELETE" | "OPTIONS") => known,
-        _ => "OTHER",
-    }
-    .to_string();
-    let response = next.run(request).await;
-    let status = response.status().as_u16().to_string();
-    metrics::counter!(HTTP_REQUESTS, "method" => method.clone(), "route" => route.clone(), "status" => status)
-        .increment(1);
-    metrics::histogram!(HTTP_SECONDS, "method" => method, "route" => route)
-        .record(started.elapsed().as_secs_f64());
-    response
 }

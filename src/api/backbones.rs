@@ -6,17 +6,15 @@ use std::path::Path as FsPath;
 use axum::extract::{Path, Request, State};
 use axum::http::{header, StatusCode};
 use axum::Json;
-use chrono::Utc;
 use serde::Serialize;
-use sqlx::types::Json as SqlJson;
 
-use super::upload::{internal, read_multipart, RemoveOnDrop};
+use super::upload::{read_multipart, RemoveOnDrop};
 use super::{AppState, Created};
 use crate::data::preprocess::Normalization;
 use crate::error::{ApiError, FieldError};
 use crate::models::script::{self, Output};
 use crate::models::{self, BackboneSpec};
-use crate::store::backbones::{self as store, ScriptBackboneRow};
+use crate::store::backbones::{self as store, NewScriptBackbone, ScriptBackboneRow};
 
 /// One entry of `GET /backbones`: a catalogue backbone or an uploaded one.
 #[derive(Serialize)]
@@ -190,8 +188,7 @@ pub async fn create(
     }
     let (found, module) = check
         .run(&upload.0, form.image_size, form.output)
-        .await
-        .map_err(internal)?
+        .await?
         .map_err(|reasons| {
             ApiError::invalid(
                 "the TorchScript module cannot be used as a backbone",
@@ -203,26 +200,25 @@ pub async fn create(
         })?;
     // Written under tmp/ (swept after a crash), then moved into place.
     let stored = RemoveOnDrop(state.artifacts.temp_file(".pt"));
-    std::fs::write(&stored.0, &module).map_err(internal)?;
+    std::fs::write(&stored.0, &module)?;
     let digest = sha256_hex(&module);
-    let row = ScriptBackboneRow {
+    let new = NewScriptBackbone {
         name: name.clone(),
         image_size: form.image_size as i32,
-        normalization: SqlJson(Normalization {
+        normalization: Normalization {
             mean: form.mean,
             std: form.std,
-        }),
+        },
         feature_dim: found.feature_dim as i32,
         parameters: found.parameters,
-        stages: SqlJson(found.stages),
+        stages: found.stages,
         removed_layer: found.removed_layer,
         source_file: form.filename,
         bytes: form.file_bytes.unwrap_or_default() as i64,
         sha256: digest,
         artifact_key: artifact_key(&name),
-        created_at: Utc::now(),
     };
-    let row = place(&state, stored, row).await?;
+    let row = place(&state, stored, new).await?;
     tracing::info!(backbone = %row.name, feature_dim = row.feature_dim, "TorchScript backbone registered");
     Ok((
         StatusCode::CREATED,
@@ -281,33 +277,26 @@ async fn read_form(
 async fn place(
     state: &AppState,
     stored: RemoveOnDrop,
-    row: ScriptBackboneRow,
+    new: NewScriptBackbone,
 ) -> Result<ScriptBackboneRow, ApiError> {
-    let path = state.artifacts.path(&row.artifact_key);
+    let path = state.artifacts.path(&new.artifact_key);
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(internal)?;
+        std::fs::create_dir_all(dir)?;
     }
-    std::fs::rename(&stored.0, &path).map_err(internal)?;
+    std::fs::rename(&stored.0, &path)?;
     stored.keep();
     let placed = RemoveOnDrop(path);
-    state
-        .artifacts
-        .publish(&row.artifact_key)
-        .await
-        .map_err(|e| ApiError::Internal(e.into()))?;
-    match store::insert(&state.pool, &row).await {
-        Ok(row) => {
-            placed.keep();
-            Ok(row)
-        }
-        Err(err) => {
-            let _ = state.artifacts.unpublish(&row.artifact_key).await;
-            Err(match err {
-                sqlx::Error::Database(db) if db.is_unique_violation() => taken(&row.name),
-                other => other.into(),
-            })
-        }
+    state.artifacts.publish(&new.artifact_key).await?;
+    let inserted = store::insert(&state.pool, &new).await;
+    if let Ok(Some(row)) = inserted {
+        placed.keep();
+        return Ok(row);
     }
+    let _ = state.artifacts.unpublish(&new.artifact_key).await;
+    Err(match inserted {
+        Ok(_) => taken(&new.name),
+        Err(err) => err.into(),
+    })
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {

@@ -15,9 +15,10 @@ use super::extract::ApiQuery;
 use super::upload::{read_multipart, remove_path, write_upload, RemoveOnDrop};
 use super::{parse_id, AppState, Created};
 use crate::artifacts::Artifacts;
-use crate::data::{self, preprocess, stored, DataError, IngestOptions, Progress};
+use crate::data::{self, preprocess, stored, IngestOptions, Progress};
 use crate::error::{ApiError, FieldError};
 use crate::store::datasets::{self as store, DatasetRow, Ingested};
+use crate::store::{DatasetStatus, Pool};
 
 /// Form fields of an upload besides the archive itself.
 struct UploadForm {
@@ -311,7 +312,7 @@ async fn ingest(
     beat.tick().await;
     let (report, dataset_dir) = loop {
         tokio::select! {
-            done = &mut task => break done.map_err(|err| ApiError::Internal(err.into()))?,
+            done = &mut task => break done?,
             _ = beat.tick() => {
                 let now = *latest.lock().expect("progress lock");
                 if let Err(err) = store::set_progress(&state.pool, id, json!(now)).await {
@@ -320,30 +321,18 @@ async fn ingest(
             }
         }
     };
-    let report = report.map_err(|err| match err {
-        DataError::Invalid {
-            detail,
-            errors,
-            omitted,
-        } => ApiError::Invalid {
-            detail,
-            errors,
-            omitted,
-        },
-        other => ApiError::Internal(other.into()),
-    })?;
+    let report = report?;
     state
         .artifacts
         .publish_dir(&Artifacts::dataset_key(id))
-        .await
-        .map_err(|err| ApiError::Internal(err.into()))?;
+        .await?;
     Ok((report, dataset_dir))
 }
 
 /// Removes the `ingesting` row of a request that was dropped mid-ingest.
 struct DiscardOnDrop {
     /// `None` once disarmed.
-    pool: Option<sqlx::PgPool>,
+    pool: Option<Pool>,
     id: Uuid,
 }
 
@@ -399,11 +388,7 @@ pub async fn delete(
     }
     let key = Artifacts::dataset_key(id);
     remove_path(&state.artifacts.path(&key));
-    state
-        .artifacts
-        .unpublish_dir(&key)
-        .await
-        .map_err(|err| ApiError::Internal(err.into()))?;
+    state.artifacts.unpublish_dir(&key).await?;
     tracing::info!(dataset_id = %id, "dataset deleted");
     Ok(StatusCode::NO_CONTENT)
 }
@@ -431,9 +416,9 @@ pub async fn samples(
     let id = parse_id(&id, "dataset")?;
     let dataset = store::get(&state.pool, id)
         .await?
-        .filter(|d| d.status != "deleted")
+        .filter(|d| d.status != DatasetStatus::Deleted)
         .ok_or_else(|| ApiError::NotFound(format!("no dataset with id {id}")))?;
-    if dataset.status != "ready" {
+    if dataset.status != DatasetStatus::Ready {
         return Err(ApiError::Conflict(format!(
             "dataset {id} is {}; samples exist once it is ready",
             dataset.status
@@ -473,18 +458,13 @@ pub async fn samples(
     if !errors.is_empty() {
         return Err(ApiError::invalid("invalid sample query", errors));
     }
-    let dir = state
-        .artifacts
-        .fetch(&dataset.artifact_key)
-        .await
-        .map_err(|err| ApiError::Internal(err.into()))?;
+    let dir = state.artifacts.fetch(&dataset.artifact_key).await?;
     let classes = classes.clone();
     let splits: Vec<String> = splits.into_iter().map(str::to_string).collect();
     let items = tokio::task::spawn_blocking(move || {
         pick_samples(&dir, &classes, &splits, wanted_class, limit)
     })
-    .await
-    .map_err(|err| ApiError::Internal(err.into()))?
+    .await?
     .map_err(|err| match err.kind() {
         std::io::ErrorKind::NotFound => ApiError::Conflict(format!(
             "dataset {id} was stored without a sample index; upload it again to browse it"

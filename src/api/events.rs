@@ -20,7 +20,6 @@ use axum::extract::{Path, State};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use futures_util::stream::{self, Stream};
 use serde_json::{json, Value};
-use sqlx::PgPool;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use uuid::Uuid;
@@ -31,6 +30,7 @@ use crate::error::ApiError;
 use crate::store::job_changes::JobChanges;
 use crate::store::jobs::{self, JobRow};
 use crate::store::metrics::{self, EpochMetrics};
+use crate::store::{self, JobStatus, Pool};
 
 /// A job is read again at least this often, notifications aside.
 pub const FALLBACK_POLL: Duration = Duration::from_secs(5);
@@ -45,7 +45,7 @@ pub struct EventStreams {
 }
 
 struct Streams {
-    pool: PgPool,
+    pool: Pool,
     changes: JobChanges,
     slots: Arc<Semaphore>,
     max: usize,
@@ -70,12 +70,12 @@ enum Snapshot {
 
 impl EventStreams {
     /// At most `max_streams` streams open at once.
-    pub fn new(pool: PgPool, max_streams: usize) -> Self {
+    pub fn new(pool: Pool, max_streams: usize) -> Self {
         Self::with_fallback_poll(pool, max_streams, FALLBACK_POLL)
     }
 
     /// Tests stretch the fallback to tell notified changes from polled ones.
-    pub fn with_fallback_poll(pool: PgPool, max_streams: usize, fallback_poll: Duration) -> Self {
+    pub fn with_fallback_poll(pool: Pool, max_streams: usize, fallback_poll: Duration) -> Self {
         Self {
             inner: Arc::new(Streams {
                 changes: JobChanges::new(pool.clone()),
@@ -170,7 +170,7 @@ async fn run_feed(streams: Arc<Streams>, job_id: Uuid, tx: Feed) {
         let read_at = Instant::now();
         let snapshot = read(&streams.pool, job_id, &mut epochs).await;
         let last = !matches!(&snapshot, Snapshot::Job { job, .. }
-            if !jobs::TERMINAL.contains(&job.status.as_str()));
+            if !job.status.is_terminal());
         tx.send_replace(Some(Arc::new(snapshot)));
         if last {
             break;
@@ -207,7 +207,7 @@ impl Streams {
 }
 
 /// The job and the epochs finished since the last read, added to `epochs`.
-async fn read(pool: &PgPool, job_id: Uuid, epochs: &mut Arc<Vec<EpochMetrics>>) -> Snapshot {
+async fn read(pool: &Pool, job_id: Uuid, epochs: &mut Arc<Vec<EpochMetrics>>) -> Snapshot {
     // The job first: once it is final, every epoch it had is recorded.
     let job = match jobs::get(pool, job_id).await {
         Ok(Some(job)) => job,
@@ -226,9 +226,9 @@ async fn read(pool: &PgPool, job_id: Uuid, epochs: &mut Arc<Vec<EpochMetrics>>) 
     }
 }
 
-fn failed(err: sqlx::Error) -> Snapshot {
+fn failed(err: store::Error) -> Snapshot {
     tracing::warn!(error = %err, "job events: reading the job failed");
-    Snapshot::Failed(err.to_string())
+    Snapshot::Failed("reading the job failed; the server log has the details".into())
 }
 
 /// One client's stream: what it has been sent so far.
@@ -236,7 +236,7 @@ struct Watcher {
     feed: watch::Receiver<Option<Arc<Snapshot>>>,
     /// Held while the stream is open.
     _slot: OwnedSemaphorePermit,
-    status: Option<String>,
+    status: Option<JobStatus>,
     attempts: i32,
     /// Last epoch whose metrics were sent.
     epoch: i32,
@@ -260,9 +260,8 @@ impl Watcher {
                 return;
             }
         };
-        let status_changed =
-            self.status.as_deref() != Some(job.status.as_str()) || self.attempts != job.attempts;
-        let terminal = jobs::TERMINAL.contains(&job.status.as_str());
+        let status_changed = self.status != Some(job.status) || self.attempts != job.attempts;
+        let terminal = job.status.is_terminal();
         if status_changed && !terminal {
             self.push_status(job);
         }
@@ -289,7 +288,7 @@ impl Watcher {
     }
 
     fn push_status(&mut self, job: &JobRow) {
-        self.status = Some(job.status.clone());
+        self.status = Some(job.status);
         self.attempts = job.attempts;
         let data = json!({
             "status": job.status, "attempt": job.attempts, "epoch": job.epoch,

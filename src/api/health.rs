@@ -23,16 +23,12 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
     if let Some(outage) = store::embedded::outage() {
         return Err(ApiError::Unavailable(outage));
     }
-    let applied: Vec<i64> =
-        sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
-            .fetch_all(&state.pool)
-            .await
-            .map_err(|err| ApiError::Unavailable(format!("database not ready: {err}")))?;
-    let pending: Vec<String> = store::MIGRATOR
-        .iter()
-        .filter(|m| !applied.contains(&m.version))
-        .map(|m| format!("{}_{}", m.version, m.description))
-        .collect();
+    let pending = store::pending_migrations(&state.pool)
+        .await
+        .map_err(|err| {
+            tracing::warn!(error = %err, "readiness: the database did not answer");
+            ApiError::Unavailable("database not ready".into())
+        })?;
     if !pending.is_empty() {
         return Err(ApiError::Unavailable(format!(
             "migrations not applied yet: {}",
@@ -63,25 +59,14 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
 /// queue depth and live workers read from Postgres at scrape time (the same
 /// figures from every API process).
 pub async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
-    let counts: Vec<(String, i64)> =
-        sqlx::query_as("SELECT status, count(*) FROM jobs GROUP BY status")
-            .fetch_all(&state.pool)
-            .await?;
-    let workers: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM workers WHERE heartbeat_at > now() - interval '1 minute'",
-    )
-    .fetch_one(&state.pool)
-    .await?;
+    let counts = store::stats::jobs_by_status(&state.pool).await?;
+    let workers = store::stats::live_workers(&state.pool).await?;
     let mut text = telemetry::handle().render();
     text.push_str(&format!(
         "# HELP {jobs} Jobs in Postgres by status\n# TYPE {jobs} gauge\n",
         jobs = telemetry::JOBS
     ));
-    for status in store::jobs::STATUSES {
-        let n = counts
-            .iter()
-            .find(|(s, _)| s == status)
-            .map_or(0, |(_, n)| *n);
+    for (status, n) in counts {
         text.push_str(&format!("{}{{status=\"{status}\"}} {n}\n", telemetry::JOBS));
     }
     text.push_str(&format!(

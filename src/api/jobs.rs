@@ -13,8 +13,8 @@ use super::{parse_id, AppState};
 use crate::error::{ApiError, FieldError};
 use crate::store::jobs::{self as store, JobRow, NewJob, RunRow};
 use crate::store::metrics::{self, EpochMetrics};
-use crate::store::{backbones, datasets};
-use crate::train::JobRequest;
+use crate::store::{datasets, DatasetStatus, JobStatus};
+use crate::train::{backbone, JobRequest};
 
 const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
@@ -23,7 +23,7 @@ const IDEMPOTENCY_KEY: &str = "idempotency-key";
 pub struct JobView {
     id: Uuid,
     dataset_id: Uuid,
-    status: String,
+    status: JobStatus,
     config: Value,
     priority: i32,
     attempts: i32,
@@ -109,9 +109,9 @@ pub async fn create(
         None => None,
     };
     let uploaded = match request.backbone.as_deref() {
-        Some(name) => backbones::uploaded(&state.pool, name)
+        Some(name) => backbone::uploaded(&state.pool, name)
             .await?
-            .map(|row| row.spec(&state.artifacts)),
+            .map(|row| backbone::script_spec(&row, &state.artifacts)),
         None => None,
     };
     let job = request
@@ -120,9 +120,9 @@ pub async fn create(
     let dataset = datasets::get(&state.pool, job.dataset_id).await?;
     let problem = match dataset.map(|d| d.status) {
         None => Some("no dataset with this id".to_string()),
-        Some(status) if status == "deleted" => Some("no dataset with this id".to_string()),
-        Some(status) if status != "ready" => Some(format!("the dataset is {status}, not ready")),
-        Some(_) => None,
+        Some(DatasetStatus::Deleted) => Some("no dataset with this id".to_string()),
+        Some(DatasetStatus::Ready) => None,
+        Some(status) => Some(format!("the dataset is {status}, not ready")),
     };
     if let Some(problem) = problem {
         return Err(ApiError::invalid(
@@ -204,7 +204,7 @@ pub async fn cancel(
     Path(id): Path<String>,
 ) -> Result<(StatusCode, Json<JobView>), ApiError> {
     let job = find(&state, &id).await?;
-    if store::TERMINAL.contains(&job.status.as_str()) {
+    if job.status.is_terminal() {
         return Err(ApiError::Conflict(format!(
             "job {} has already {}",
             job.id, job.status

@@ -1,6 +1,8 @@
 //! The HTTP API: router, shared state, one module per resource.
 
+mod auth;
 mod backbones;
+mod console;
 mod datasets;
 mod events;
 mod extract;
@@ -11,6 +13,7 @@ mod models;
 mod origin;
 mod predict;
 pub mod server;
+mod telemetry;
 mod text;
 mod upload;
 
@@ -23,7 +26,6 @@ use axum::http::{header, HeaderName, HeaderValue, Method, Request, Uri};
 use axum::middleware::{from_fn, from_fn_with_state};
 use axum::routing::{get, post};
 use axum::Router;
-use sqlx::PgPool;
 use tokio::sync::Semaphore;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
@@ -32,18 +34,18 @@ use uuid::Uuid;
 
 pub use events::EventStreams;
 pub use limits::HttpLimits;
-pub(crate) use predict::serving_spec;
+pub(crate) use predict::model_spec;
 
 use crate::artifacts::Artifacts;
-use crate::auth::{self, Auth};
+use crate::auth::Auth;
 use crate::error::ApiError;
 use crate::serve::Predictor;
-use crate::telemetry;
+use crate::store::Pool;
 
 /// What every handler can reach. Cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
-    pub pool: PgPool,
+    pub pool: Pool,
     pub artifacts: Artifacts,
     pub predictor: Predictor,
     pub auth: Auth,
@@ -64,7 +66,7 @@ pub struct AppState {
 const MAX_JSON_BYTES: usize = 1024 * 1024;
 
 pub fn router(state: AppState) -> Router {
-    telemetry::handle();
+    crate::telemetry::handle();
     let limits = state.limits.clone();
     let uploads = Router::new()
         .route("/datasets", post(datasets::create))
@@ -116,6 +118,7 @@ pub fn router(state: AppState) -> Router {
         .layer(from_fn_with_state(limits.request_timeout, limits::deadline))
         .merge(uploads)
         .merge(predictions)
+        .merge(console::router())
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(from_fn_with_state(state.auth.clone(), auth::require_key))

@@ -262,7 +262,7 @@ async fn read_images(request: Request, state: &AppState) -> Result<Vec<Upload>, 
 }
 
 /// What the inference thread needs to load a model.
-pub(super) async fn model_spec(state: &AppState, model: &ModelRow) -> Result<ModelSpec, ApiError> {
+pub(crate) async fn model_spec(state: &AppState, model: &ModelRow) -> Result<ModelSpec, ApiError> {
     state
         .artifacts
         .fetch_final(&model.artifact_key)
@@ -270,23 +270,23 @@ pub(super) async fn model_spec(state: &AppState, model: &ModelRow) -> Result<Mod
         .map_err(|e| ApiError::Internal(e.into()))?;
     let mut spec =
         serving_spec(model, &state.artifacts).map_err(|e| ApiError::Internal(e.into()))?;
-    if let Some(backbone) = crate::store::backbones::uploaded(&state.pool, &model.backbone).await? {
+    if let Some(backbone) = crate::train::backbone::uploaded(&state.pool, &model.backbone).await? {
         state
             .artifacts
             .fetch(&backbone.artifact_key)
             .await
             .map_err(|e| ApiError::Internal(e.into()))?;
-        spec.script = Some(backbone.spec(&state.artifacts));
+        spec.script = Some(crate::train::backbone::script_spec(
+            &backbone,
+            &state.artifacts,
+        ));
     }
     Ok(spec)
 }
 
 /// The serving spec of a registered model, its checkpoint under `artifacts`
 /// (without an uploaded backbone: [`model_spec`] adds that).
-pub(crate) fn serving_spec(
-    model: &ModelRow,
-    artifacts: &Artifacts,
-) -> Result<ModelSpec, serde_json::Error> {
+fn serving_spec(model: &ModelRow, artifacts: &Artifacts) -> Result<ModelSpec, serde_json::Error> {
     Ok(ModelSpec {
         id: model.id,
         checkpoint: artifacts.path(&model.artifact_key),

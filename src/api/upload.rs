@@ -19,7 +19,7 @@ pub async fn write_upload(
 ) -> Result<u64, ApiError> {
     // Created here, not on a blocking thread: a request dropped mid-create
     // would leave the file after its guard ran.
-    let file = std::fs::File::create(path).map_err(internal)?;
+    let file = std::fs::File::create(path)?;
     let mut file = tokio::fs::File::from_std(file);
     let mut written = 0u64;
     while let Some(chunk) = chunks.next().await {
@@ -30,9 +30,9 @@ pub async fn write_upload(
                 "the upload is larger than the {limit}-byte limit"
             )));
         }
-        file.write_all(&chunk).await.map_err(internal)?;
+        file.write_all(&chunk).await?;
     }
-    file.flush().await.map_err(internal)?;
+    file.flush().await?;
     Ok(written)
 }
 
@@ -120,10 +120,6 @@ fn check_file_name(filename: &str) -> Result<(), ApiError> {
         ));
     }
     Ok(())
-}
-
-pub fn internal(err: std::io::Error) -> ApiError {
-    ApiError::Internal(err.into())
 }
 
 /// Removes a file or directory when dropped, unless kept: a failed or

@@ -185,6 +185,7 @@ fn run(cache: &mut ModelCache, batch: Vec<Request>) {
                             id: *id,
                             reason: reason.clone(),
                         },
+                        ServeError::Inference(reason) => ServeError::Inference(reason.clone()),
                         other => ServeError::Inference(other.to_string()),
                     }));
                 }

@@ -18,8 +18,9 @@ pub struct ClassMetrics {
     pub support: i64,
 }
 
-/// What one finished epoch measured.
-#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow)]
+/// What one finished epoch measured. Plain data: the training thread makes
+/// it, this module stores and reads it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EpochMetrics {
     pub epoch: i32,
     pub train_loss: f64,
@@ -35,9 +36,49 @@ pub struct EpochMetrics {
     pub frozen_stages: i32,
     pub images_per_second: f64,
     pub seconds: f64,
-    pub per_class: Json<Vec<ClassMetrics>>,
+    pub per_class: Vec<ClassMetrics>,
     /// Rows are true labels, columns predicted labels, in label order.
-    pub confusion_matrix: Json<Vec<Vec<i64>>>,
+    pub confusion_matrix: Vec<Vec<i64>>,
+}
+
+/// An `epoch_metrics` row as read, its JSON columns still wrapped.
+#[derive(sqlx::FromRow)]
+struct EpochRow {
+    epoch: i32,
+    train_loss: f64,
+    train_accuracy: f64,
+    val_loss: f64,
+    val_accuracy: f64,
+    val_macro_f1: f64,
+    top_k: i32,
+    val_top_k_accuracy: f64,
+    learning_rate: f64,
+    frozen_stages: i32,
+    images_per_second: f64,
+    seconds: f64,
+    per_class: Json<Vec<ClassMetrics>>,
+    confusion_matrix: Json<Vec<Vec<i64>>>,
+}
+
+impl From<EpochRow> for EpochMetrics {
+    fn from(row: EpochRow) -> Self {
+        Self {
+            epoch: row.epoch,
+            train_loss: row.train_loss,
+            train_accuracy: row.train_accuracy,
+            val_loss: row.val_loss,
+            val_accuracy: row.val_accuracy,
+            val_macro_f1: row.val_macro_f1,
+            top_k: row.top_k,
+            val_top_k_accuracy: row.val_top_k_accuracy,
+            learning_rate: row.learning_rate,
+            frozen_stages: row.frozen_stages,
+            images_per_second: row.images_per_second,
+            seconds: row.seconds,
+            per_class: row.per_class.0,
+            confusion_matrix: row.confusion_matrix.0,
+        }
+    }
 }
 
 /// Records an epoch and makes it the job's last (whose checkpoint the next
@@ -82,8 +123,8 @@ pub async fn record_epoch(
     .bind(m.frozen_stages)
     .bind(m.images_per_second)
     .bind(m.seconds)
-    .bind(&m.per_class)
-    .bind(&m.confusion_matrix)
+    .bind(Json(&m.per_class))
+    .bind(Json(&m.confusion_matrix))
     .execute(&mut *fenced)
     .await?;
     sqlx::query("UPDATE jobs SET epoch = $2, progress = NULL, updated_at = now() WHERE id = $1")
@@ -102,23 +143,25 @@ const COLUMNS: &str =
 
 /// The job's epochs after `after` (0 for all), in order.
 pub async fn for_job(pool: &PgPool, job_id: Uuid, after: i32) -> sqlx::Result<Vec<EpochMetrics>> {
-    sqlx::query_as(&format!(
+    let rows: Vec<EpochRow> = sqlx::query_as(&format!(
         "SELECT {COLUMNS} FROM epoch_metrics WHERE job_id = $1 AND epoch > $2 ORDER BY epoch"
     ))
     .bind(job_id)
     .bind(after)
     .fetch_all(pool)
-    .await
+    .await?;
+    Ok(rows.into_iter().map(EpochMetrics::from).collect())
 }
 
 pub async fn epoch(pool: &PgPool, job_id: Uuid, epoch: i32) -> sqlx::Result<Option<EpochMetrics>> {
-    sqlx::query_as(&format!(
+    let row: Option<EpochRow> = sqlx::query_as(&format!(
         "SELECT {COLUMNS} FROM epoch_metrics WHERE job_id = $1 AND epoch = $2"
     ))
     .bind(job_id)
     .bind(epoch)
     .fetch_optional(pool)
-    .await
+    .await?;
+    Ok(row.map(EpochMetrics::from))
 }
 
 /// Records a new best checkpoint, once its file is durable: it becomes the

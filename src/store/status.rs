@@ -128,7 +128,11 @@ mod tests {
             assert_eq!(parse("Queued"), None);
         }
         check(JobStatus::ALL, JobStatus::as_str, JobStatus::parse);
-        check(DatasetStatus::ALL, DatasetStatus::as_str, DatasetStatus::parse);
+        check(
+            DatasetStatus::ALL,
+            DatasetStatus::as_str,
+            DatasetStatus::parse,
+        );
         check(RunOutcome::ALL, RunOutcome::as_str, RunOutcome::parse);
     }
 

@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::augment::Augmentation;
-use crate::validation::FieldError;
 use crate::models::{self, script::ScriptSpec};
+use crate::validation::FieldError;
 
 /// The body of `POST /jobs`. Everything but `dataset_id` is optional.
 #[derive(Debug, Deserialize)]

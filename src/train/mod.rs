@@ -2,6 +2,7 @@
 //! take jobs from the queue.
 
 pub mod augment;
+pub mod backbone;
 pub mod config;
 pub mod metrics;
 pub mod precision;

@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use sqlx::types::Json;
 use tch::nn::{self, OptimizerConfig};
 use tch::{Device, Kind, Reduction, Tensor};
 
@@ -309,8 +308,8 @@ fn train_inner(
             frozen_stages: model.frozen_stages() as i32,
             images_per_second: n_train as f64 / train_seconds,
             seconds: started.elapsed().as_secs_f64() + std::mem::take(&mut extra_seconds),
-            per_class: Json(per_class),
-            confusion_matrix: Json(eval.confusion.matrix),
+            per_class,
+            confusion_matrix: eval.confusion.matrix,
         };
         let value = selection_value(cfg, &metrics);
         let improved = best.is_none_or(|(_, b)| cfg.selection_metric.improves(value, b));

@@ -16,13 +16,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde_json::json;
-use sqlx::postgres::PgListener;
-use sqlx::PgPool;
 use tch::Device;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::Instrument;
 use uuid::Uuid;
 
+use super::backbone;
 use super::config::JobConfig;
 use super::trainer::{
     self, Resume, TrainError, TrainEvent, TrainSpec, TrainSummary, BEST_CHECKPOINT,
@@ -31,7 +30,8 @@ use crate::artifacts::Artifacts;
 use crate::data::preprocess::Normalization;
 use crate::models;
 use crate::store::jobs::{self, Lease};
-use crate::store::{self, datasets};
+use crate::store::wakeups::JobWakeups;
+use crate::store::{self, datasets, JobStatus, Pool, RunOutcome};
 use crate::telemetry;
 
 /// File name of the labels and preprocessing facts beside the checkpoint.
@@ -45,7 +45,7 @@ const CANCEL_POLL: Duration = Duration::from_millis(500);
 #[derive(Clone)]
 pub struct Worker {
     pub id: String,
-    pub pool: PgPool,
+    pub pool: Pool,
     pub artifacts: Artifacts,
     pub weights_dir: PathBuf,
     pub device: Device,
@@ -61,9 +61,13 @@ pub enum Outcome {
     /// The queue had nothing to claim.
     Idle,
     /// A job was run to this status: `succeeded`, `failed`, `cancelled`,
-    /// `queued` (handed back at shutdown) or `lost` (another worker took it).
+    /// `queued` (handed back at shutdown) or [`LOST`] (another worker took it).
     Ran { job_id: Uuid, status: String },
 }
+
+/// What [`Outcome::Ran`] and the ended-jobs metric say of a job that is no
+/// longer this worker's (its status is whatever the new holder makes it).
+pub const LOST: &str = "lost";
 
 /// Why a training thread was told to stop.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,8 +90,7 @@ impl Worker {
             &crate::device::device_name(self.device),
         )
         .await?;
-        let mut listener = PgListener::connect_with(&self.pool).await?;
-        listener.listen(store::JOBS_CHANNEL).await?;
+        let mut wakeups = JobWakeups::listen(&self.pool).await?;
         tracing::info!(worker = %self.id, device = %crate::device::device_name(self.device), "worker started");
         // On a timer, not only between jobs: a lost worker's job goes back to
         // the queue even while every worker here is busy.
@@ -102,7 +105,7 @@ impl Worker {
                 Err(err) => tracing::error!(worker = %self.id, error = ?err, "worker step failed"),
             }
             tokio::select! {
-                notification = listener.recv() => {
+                notification = wakeups.recv() => {
                     if let Err(err) = notification {
                         // The listener reconnects on its next call; do not spin meanwhile.
                         tracing::warn!(error = %err, "job notifications interrupted");
@@ -155,10 +158,10 @@ impl Worker {
             .ok()
             .and_then(|(spec, _)| spec.resume.as_ref().map(|r| r.epoch));
         let device = crate::device::device_name(self.device);
-        let status = match jobs::start_run(&self.pool, &lease, &device, resumed_from).await? {
+        let ended = match jobs::start_run(&self.pool, &lease, &device, resumed_from).await? {
             None => {
                 tracing::warn!("the lease was lost before the run started: nothing written");
-                "lost"
+                None
             }
             Some(run_id) => {
                 tracing::info!(resumed_from, "claimed");
@@ -174,6 +177,7 @@ impl Worker {
                 store::retry(DB_PATIENCE, || self.conclude(&job, &lease, run_id, &result)).await?
             }
         };
+        let status = ended.map_or(LOST, JobStatus::as_str);
         metrics::counter!(telemetry::JOBS_ENDED, "status" => status).increment(1);
         tracing::info!(status, "job ended");
         Ok(Outcome::Ran {
@@ -191,11 +195,11 @@ impl Worker {
         let (script, normalization) = match models::find(&config.backbone) {
             Some(spec) => (None, spec.normalization),
             None => {
-                let row = store::backbones::uploaded(&self.pool, &config.backbone)
+                let row = backbone::uploaded(&self.pool, &config.backbone)
                     .await?
                     .context("the job's backbone no longer exists")?;
                 self.artifacts.fetch(&row.artifact_key).await?;
-                let spec = row.spec(&self.artifacts);
+                let spec = backbone::script_spec(&row, &self.artifacts);
                 let normalization = spec.normalization;
                 (Some(spec), normalization)
             }
@@ -492,20 +496,21 @@ impl Worker {
     }
 
     /// Writes the job's final state, in one transaction fenced by the lease;
-    /// a worker that lost it writes nothing. Returns the job's status.
+    /// a worker that lost it writes nothing. Returns the job's status, or
+    /// `None` when the job is no longer this worker's.
     async fn conclude(
         &self,
         job: &jobs::JobRow,
         lease: &Lease,
         run_id: Uuid,
         result: &Result<Finished, RunError>,
-    ) -> anyhow::Result<&'static str> {
+    ) -> anyhow::Result<Option<JobStatus>> {
         let mut tx = jobs::begin(&self.pool).await?;
         let Some(mut fenced) = jobs::fence(&mut tx, lease).await? else {
             tracing::warn!(
                 "the lease passed to another attempt or expired: this worker writes nothing more for the job"
             );
-            return Ok("lost");
+            return Ok(None);
         };
         let (id, worker) = (lease.job_id, lease.worker.as_str());
         let status = match result {
@@ -534,32 +539,34 @@ impl Worker {
                     jobs::set_test_metrics(&mut fenced, serde_json::to_value(test)?).await?;
                 }
                 store::models::deploy_if_first(&mut fenced, model_id).await?;
-                jobs::finish_run(&mut fenced, run_id, "succeeded", None).await?;
-                jobs::finish(&mut fenced, id, worker, "succeeded", None).await?;
-                "succeeded"
+                jobs::finish_run(&mut fenced, run_id, RunOutcome::Succeeded, None).await?;
+                jobs::finish(&mut fenced, id, worker, JobStatus::Succeeded, None).await?;
+                Some(JobStatus::Succeeded)
             }
             Err(RunError::Failed(reason)) => {
                 tracing::warn!(%reason, "job failed");
-                jobs::finish_run(&mut fenced, run_id, "failed", Some(reason)).await?;
-                jobs::finish(&mut fenced, id, worker, "failed", Some(reason)).await?;
-                "failed"
+                jobs::finish_run(&mut fenced, run_id, RunOutcome::Failed, Some(reason)).await?;
+                jobs::finish(&mut fenced, id, worker, JobStatus::Failed, Some(reason)).await?;
+                Some(JobStatus::Failed)
             }
             Err(RunError::Stopped(StopReason::Cancelled)) => {
-                jobs::finish_run(&mut fenced, run_id, "cancelled", None).await?;
-                jobs::finish(&mut fenced, id, worker, "cancelled", None).await?;
-                "cancelled"
+                jobs::finish_run(&mut fenced, run_id, RunOutcome::Cancelled, None).await?;
+                jobs::finish(&mut fenced, id, worker, JobStatus::Cancelled, None).await?;
+                Some(JobStatus::Cancelled)
             }
             Err(RunError::Stopped(StopReason::Shutdown)) => {
                 // Hand the job back; the next attempt resumes from the last epoch.
-                jobs::finish_run(&mut fenced, run_id, "lost", Some("the worker shut down")).await?;
+                let why = Some("the worker shut down");
+                jobs::finish_run(&mut fenced, run_id, RunOutcome::Lost, why).await?;
                 jobs::release(&mut fenced).await?;
-                "queued"
+                Some(JobStatus::Queued)
             }
             // Given up by the local clock, though no one took the job yet:
             // the reaper queues it again once the lease has expired.
             Err(RunError::Stopped(StopReason::LeaseLost)) => {
-                jobs::finish_run(&mut fenced, run_id, "lost", Some("the lease expired")).await?;
-                "lost"
+                let why = Some("the lease expired");
+                jobs::finish_run(&mut fenced, run_id, RunOutcome::Lost, why).await?;
+                None
             }
         };
         tx.commit().await?;
@@ -568,7 +575,7 @@ impl Worker {
 }
 
 /// Puts expired leases back in the queue every `period`, for good.
-async fn reap_every(pool: PgPool, period: Duration) {
+async fn reap_every(pool: Pool, period: Duration) {
     let mut timer = tokio::time::interval(period);
     timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -585,7 +592,7 @@ fn reap_period(lease: Duration) -> Duration {
     (lease / 3).max(Duration::from_secs(1))
 }
 
-async fn reap(pool: &PgPool) -> sqlx::Result<()> {
+async fn reap(pool: &Pool) -> store::Result<()> {
     let reaped = jobs::reap_expired(pool).await?;
     if reaped.requeued > 0 {
         tracing::warn!(

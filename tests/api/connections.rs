@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use finetuned::api::server::{self, ConnectionLimits};
 use finetuned::api::EventStreams;
-use finetuned::store::jobs;
+use finetuned::store::{jobs, JobStatus};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -383,9 +383,11 @@ async fn event_streams_are_capped_and_leave_other_requests_fast() {
     }
     progress.await.unwrap();
     let mut conn = app.pool.acquire().await.unwrap();
-    assert!(jobs::finish(&mut conn, id, owner, "succeeded", None)
-        .await
-        .unwrap());
+    assert!(
+        jobs::finish(&mut conn, id, owner, JobStatus::Succeeded, None)
+            .await
+            .unwrap()
+    );
     drop(conn);
     let finished = Instant::now();
 

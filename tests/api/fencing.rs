@@ -8,7 +8,6 @@ use finetuned::store::jobs;
 use finetuned::store::metrics::{record_best_checkpoint, record_epoch, EpochMetrics};
 use finetuned::train::Worker;
 use serde_json::{json, Value};
-use sqlx::types::Json;
 use uuid::Uuid;
 
 use crate::helpers::{encode, ran_status, render, torch_rng, TestApp};
@@ -29,8 +28,8 @@ fn epoch_metrics(epoch: i32, train_loss: f64) -> EpochMetrics {
         frozen_stages: 0,
         images_per_second: 10.0,
         seconds: 1.0,
-        per_class: Json(Vec::new()),
-        confusion_matrix: Json(Vec::new()),
+        per_class: Vec::new(),
+        confusion_matrix: Vec::new(),
     }
 }
 

@@ -4,6 +4,7 @@
 mod backbones;
 mod cluster;
 mod connections;
+mod console;
 mod contract;
 mod datasets;
 mod disk;
