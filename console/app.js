@@ -25,6 +25,12 @@
     return el;
   }
 
+  /** Replaces an element's children (arrays flattened, null skipped). */
+  function fill(el, ...children) {
+    el.replaceChildren();
+    return append(el, children);
+  }
+
   function append(el, children) {
     for (const child of children.flat(Infinity)) {
       if (child === null || child === undefined || child === false) continue;
@@ -222,7 +228,7 @@
   function render() {
     if (leave) { try { leave(); } catch (_) { /* page already gone */ } }
     leave = null;
-    main.replaceChildren();
+    fill(main);
     const path = location.pathname;
     for (const a of document.querySelectorAll('nav a')) {
       const href = a.getAttribute('href');
@@ -300,9 +306,9 @@
       try {
         const datasets = await api('GET', '/datasets');
         ingesting = datasets.some((d) => d.status === 'ingesting');
-        list.replaceChildren(datasetsTable(datasets));
+        fill(list, datasetsTable(datasets));
       } catch (err) {
-        list.replaceChildren(problem(err));
+        fill(list, problem(err));
       }
     };
     const stopPolling = poller(refresh, () => (uploading || ingesting ? 1000 : 10000));
@@ -322,15 +328,15 @@
       xhr.responseType = 'json';
       bar.hidden = false;
       bar.value = 0;
-      status.replaceChildren(`Uploading ${file.name} (${bytes(file.size)})…`);
+      fill(status, `Uploading ${file.name} (${bytes(file.size)})…`);
       xhr.upload.onprogress = (e) => {
         if (!e.lengthComputable) return;
         bar.value = e.loaded / e.total;
-        status.replaceChildren(`Uploading ${file.name}: ${bytes(e.loaded)} of ${bytes(e.total)}`);
+        fill(status, `Uploading ${file.name}: ${bytes(e.loaded)} of ${bytes(e.total)}`);
       };
       xhr.upload.onload = () => {
         bar.removeAttribute('value'); // indeterminate while the server ingests
-        status.replaceChildren(`Uploaded ${bytes(file.size)}; the server is ingesting it (progress in the list below)…`);
+        fill(status, `Uploaded ${bytes(file.size)}; the server is ingesting it (progress in the list below)…`);
         refresh();
       };
       xhr.onloadend = () => {
@@ -340,9 +346,9 @@
         if (xhr.status === 201 && xhr.response) {
           navigate(`/ui/datasets/${xhr.response.id}`);
         } else if (xhr.status === 0) {
-          status.replaceChildren(h('div', { class: 'notice', role: 'alert' }, 'The upload failed: the connection was lost.'));
+          fill(status, h('div', { class: 'notice', role: 'alert' }, 'The upload failed: the connection was lost.'));
         } else {
-          status.replaceChildren(problem(new ApiError(xhr.status, xhr.response)));
+          fill(status, problem(new ApiError(xhr.status, xhr.response)));
           refresh();
         }
       };
@@ -350,7 +356,7 @@
     };
 
     page('Datasets',
-      h('section', { class: 'panel' },
+      h('section', { class: 'panel', hidden: scope === 'predict' },
         h('h2', {}, 'Upload a dataset'),
         h('p', { class: 'muted' }, 'A zip, tar or tar.gz of class folders (daisy/*.jpg, rose/*.jpg …), of train/ val/ [test/] folders, or with a labels.csv.'),
         h('div', { class: 'row' },
@@ -396,25 +402,25 @@
       try {
         d = await api('GET', `/datasets/${encodeURIComponent(id)}`);
       } catch (err) {
-        head.replaceChildren(problem(err));
+        fill(head, problem(err));
         if (stop) { stop(); stop = null; }
         return;
       }
       document.title = `${d.name} · finetuned`;
       main.querySelector('h1').textContent = `Dataset ${d.name}`;
-      head.replaceChildren(datasetHeader(d));
+      fill(head, datasetHeader(d));
       if (d.status === 'ingesting') return;
       if (stop) { stop(); stop = null; }
       if (shown) return;
       shown = true;
-      report.replaceChildren(datasetReport(d));
+      fill(report, datasetReport(d));
       if (d.status === 'ready') loadSamples(d);
     };
 
     const loadSamples = async (d) => {
       const perClass = Math.max(1, Math.min(8, Math.floor(100 / Math.max(1, d.classes.length))));
       const limit = Math.min(100, perClass * d.classes.length);
-      samples.replaceChildren(h('p', { class: 'muted' }, 'Loading samples…'));
+      fill(samples, h('p', { class: 'muted' }, 'Loading samples…'));
       try {
         const { items } = await api('GET', `/datasets/${d.id}/samples?limit=${limit}`);
         if (gone) return;
@@ -423,14 +429,14 @@
           if (!byClass.has(item.class)) byClass.set(item.class, []);
           byClass.get(item.class).push(item);
         }
-        samples.replaceChildren(h('h2', {}, 'Samples'), [...byClass].filter(([, list]) => list.length).map(([cls, list]) => [
+        fill(samples, h('h2', {}, 'Samples'), [...byClass].filter(([, list]) => list.length).map(([cls, list]) => [
           h('h3', {}, cls),
           h('div', { class: 'thumbs' }, list.map((s) => h('figure', {},
             h('img', { src: s.thumbnail, alt: `${cls}: ${s.path}`, title: `${s.split}: ${s.path}`, width: 96, height: 96, loading: 'lazy' }),
             h('figcaption', {}, `${s.split} · ${s.path.split('/').pop()}`)))),
         ]));
       } catch (err) {
-        samples.replaceChildren(problem(err));
+        fill(samples, problem(err));
       }
     };
 
@@ -597,8 +603,8 @@
 
     const showBackbone = () => {
       const b = backbones.find((x) => x.name === backboneSelect.value);
-      if (!b) { backboneInfo.replaceChildren(); return; }
-      backboneInfo.replaceChildren(
+      if (!b) { fill(backboneInfo); return; }
+      fill(backboneInfo, 
         `${b.family}, ${(b.parameters / 1e6).toFixed(1)} M parameters, input ${b.default_image_size} px, ${b.stages.length} stages; `,
         b.weights ? h('span', { class: 'ok' }, 'weights installed') : h('span', { class: 'error' }, 'weights missing'),
         b.imagenet_top1 ? `; ImageNet top-1 ${b.imagenet_top1}%` : '');
@@ -626,7 +632,7 @@
       event.preventDefault();
       for (const el of form.querySelectorAll('.field-error')) el.textContent = '';
       for (const el of form.querySelectorAll('.field.invalid')) el.classList.remove('invalid');
-      general.replaceChildren();
+      fill(general);
       submit.disabled = true;
       try {
         const job = await api('POST', '/jobs', jobRequest(form));
@@ -645,7 +651,7 @@
         if (first) first.focus();
         if (!(err instanceof ApiError) || unplaced.length || !first) {
           const shown = err instanceof ApiError ? new ApiError(err.status, Object.assign({}, err.problem, { errors: unplaced })) : err;
-          general.replaceChildren(problem(shown));
+          fill(general, problem(shown));
         }
       }
     });
@@ -655,17 +661,17 @@
       try {
         const [datasets, list] = await Promise.all([api('GET', '/datasets'), api('GET', '/backbones')]);
         const ready = datasets.filter((d) => d.status === 'ready');
-        datasetSelect.replaceChildren(
+        fill(datasetSelect, 
           ready.length ? null : h('option', { value: '' }, 'no ready dataset: upload one first'),
           ready.map((d) => h('option', { value: d.id, selected: d.id === params.get('dataset') },
             `${d.name} (${d.classes.length} classes, ${d.num_train} train)`)));
         backbones = list;
-        backboneSelect.replaceChildren(list.map((b) => h('option', {
+        fill(backboneSelect, list.map((b) => h('option', {
           value: b.name, selected: b.name === 'mobilenet_v2', disabled: !b.weights,
         }, `${b.name}: ${b.default_image_size} px${b.weights ? '' : ' (weights missing)'}`)));
         showBackbone();
       } catch (err) {
-        general.replaceChildren(problem(err));
+        fill(general, problem(err));
       }
     })();
     return null;
@@ -680,7 +686,7 @@
       try {
         const jobs = await api('GET', '/jobs');
         active = jobs.some((j) => j.status === 'queued' || j.status === 'running');
-        list.replaceChildren(jobs.length ? h('table', {},
+        fill(list, jobs.length ? h('table', {},
           h('thead', {}, h('tr', {}, ['Job', 'Status', 'Backbone', 'Epoch', 'Best val acc.', 'Created', 'Model'].map((t) => h('th', {}, t)))),
           h('tbody', {}, jobs.map((j) => h('tr', {},
             h('td', { class: 'mono' }, link(`/ui/jobs/${j.id}`, short(j.id))),
@@ -692,7 +698,7 @@
             h('td', { class: 'mono' }, j.model_id ? link(`/ui/models?model=${j.model_id}`, short(j.model_id)) : '–')))))
           : h('p', { class: 'muted' }, 'No jobs yet. ', link('/ui/jobs/new', 'Start one.')));
       } catch (err) {
-        list.replaceChildren(problem(err));
+        fill(list, problem(err));
       }
     }, () => (active ? 3000 : 15000));
     page('Jobs', h('p', {}, link('/ui/jobs/new', 'New job')), list);
@@ -787,7 +793,7 @@
       }, j.cancel_requested ? 'Cancelling…' : 'Cancel');
       if (cancel && j.cancel_requested) cancel.disabled = true;
       const config = j.config || {};
-      head.replaceChildren(
+      fill(head, 
         h('dl', { class: 'kv' },
           h('dt', {}, 'Status'), h('dd', { id: 'job-status' }, badge(j.status), j.attempts > 1 ? ` attempt ${j.attempts}/${j.max_attempts}` : ''),
           h('dt', {}, 'Backbone'), h('dd', {}, `${config.backbone || '–'} at ${config.image_size || '–'} px, freeze ${config.freeze || '–'}, ${config.optimizer || '–'} lr ${config.learning_rate}, ${config.schedule || '–'}`),
@@ -811,7 +817,7 @@
         text = `epoch ${p.epoch} of ${j.epochs}, step ${p.step}/${p.steps}, ${Math.round(p.images_per_second)} images/s, ETA ${duration(p.eta_seconds)}`;
       }
       if (j.status === 'succeeded') fraction = 1;
-      progressBox.replaceChildren(h('div', { class: 'progress-line' },
+      fill(progressBox, h('div', { class: 'progress-line' },
         h('progress', { max: 1, value: fraction, id: 'job-progress', 'aria-label': 'Training progress' }),
         h('span', {}, `${Math.round(fraction * 100)}%`)),
       h('div', { class: 'muted' }, j.status === 'queued' ? 'queued, waiting for a worker' : text));
@@ -833,14 +839,14 @@
 
     const renderDetails = () => {
       const rows = state.epochs;
-      if (!rows.length) { details.replaceChildren(); return; }
+      if (!rows.length) { fill(details); return; }
       const chosen = rows.find((r) => r.epoch === state.selected) || rows.find((r) => r.epoch === bestEpoch()) || rows[rows.length - 1];
       const select = h('select', { id: 'epoch-select', onchange: () => { state.selected = Number(select.value); renderDetails(); } },
         rows.map((r) => h('option', { value: r.epoch, selected: r.epoch === chosen.epoch },
           `epoch ${r.epoch}${r.epoch === bestEpoch() ? ' (best)' : ''}`)));
       const normalise = h('input', { type: 'checkbox', id: 'cm-normalise', checked: state.normalise,
         onchange: () => { state.normalise = normalise.checked; renderDetails(); } });
-      details.replaceChildren(h('section', { class: 'panel' },
+      fill(details, h('section', { class: 'panel' },
         h('div', { class: 'row' }, h('label', { for: 'epoch-select' }, 'Validation metrics of'), select,
           h('span', { class: 'muted' }, `loss ${fixed(chosen.val_loss)}, accuracy ${pct(chosen.val_accuracy)}, macro-F1 ${fixed(chosen.val_macro_f1)}, top-${chosen.top_k} ${pct(chosen.val_top_k_accuracy)}`)),
         h('h2', {}, 'Per class'),
@@ -853,7 +859,7 @@
 
     const renderTest = () => {
       const t = state.job && state.job.test_metrics;
-      testBox.replaceChildren(t ? h('section', { class: 'panel' },
+      fill(testBox, t ? h('section', { class: 'panel' },
         h('h2', {}, 'Test split (best checkpoint, measured once)'),
         h('p', {}, `epoch ${t.epoch}, ${t.images} images: accuracy ${pct(t.accuracy)}, macro-F1 ${fixed(t.macro_f1)}, loss ${fixed(t.loss)}`),
         t.per_class ? perClassTable(t.per_class) : null) : null);
@@ -911,7 +917,7 @@
         } catch (err) {
           if (controller.signal.aborted) return;
           if (err instanceof ApiError && err.status !== 503) {
-            streamNote.replaceChildren(problem(err));
+            fill(streamNote, problem(err));
             return;
           }
           const wait = err.retryAfter ? err.retryAfter * 1000 : delay;
@@ -934,7 +940,7 @@
       try {
         await refresh();
       } catch (err) {
-        if (!controller.signal.aborted) head.replaceChildren(problem(err));
+        if (!controller.signal.aborted) fill(head, problem(err));
         return;
       }
       follow();
@@ -1012,7 +1018,7 @@
       try {
         models = await api('GET', '/models');
       } catch (err) {
-        list.replaceChildren(problem(err));
+        fill(list, problem(err));
         return;
       }
       const admin = scope !== 'predict';
@@ -1023,10 +1029,10 @@
       }
       if (gone) return;
       if (!models.length) {
-        list.replaceChildren(h('p', { class: 'muted' }, 'No models yet: a succeeded job makes one.'));
+        fill(list, h('p', { class: 'muted' }, 'No models yet: a succeeded job makes one.'));
         return;
       }
-      list.replaceChildren(h('table', {},
+      fill(list, h('table', {},
         h('thead', {}, h('tr', {}, ['Model', 'Aliases', 'Backbone', 'Dataset', 'Job', 'Epoch', 'Val acc.', 'Macro-F1', 'Classes', 'Created', admin ? 'Deploy' : null, admin ? 'Export' : null, '']
           .filter((t) => t !== null).map((t) => h('th', {}, t)))),
         h('tbody', {}, models.map((m) => modelRow(m, names, admin, highlight === m.id, load)))));
@@ -1046,13 +1052,13 @@
     const note = h('div', {});
     const deploy = async (alias, button) => {
       button.disabled = true;
-      note.replaceChildren(h('span', { class: 'muted' }, 'loading and warming up…'));
+      fill(note, h('span', { class: 'muted' }, 'loading and warming up…'));
       try {
         await api('POST', `/models/${m.id}/deploy`, alias ? { alias } : {});
         reload();
       } catch (err) {
         button.disabled = false;
-        note.replaceChildren(problem(err));
+        fill(note, problem(err));
       }
     };
     const alias = h('input', { type: 'text', placeholder: 'alias', size: 10, 'aria-label': `alias for model ${short(m.id)}`, pattern: '[A-Za-z0-9._-]{1,64}' });
@@ -1092,7 +1098,7 @@
     const run = async (files) => {
       const images = [...files].filter((f) => f.type.startsWith('image/') || !f.type);
       if (!images.length) return;
-      status.replaceChildren(h('span', { class: 'muted' }, `Classifying ${images.length} image${images.length > 1 ? 's' : ''}…`));
+      fill(status, h('span', { class: 'muted' }, `Classifying ${images.length} image${images.length > 1 ? 's' : ''}…`));
       const cards = images.map((file) => {
         const url = URL.createObjectURL(file);
         urls.push(url);
@@ -1113,13 +1119,13 @@
           const answer = await api('POST', `/predict?${query}`, form);
           const roundTrip = performance.now() - began;
           answer.results.forEach((r, i) => {
-            cards[start + i].replaceChildren(r.error ? h('div', { class: 'error' }, r.error) : predictionBars(r.predictions),
+            fill(cards[start + i], r.error ? h('div', { class: 'error' }, r.error) : predictionBars(r.predictions),
               h('div', { class: 'muted' }, `model ${short(answer.model_id)} · server ${answer.elapsed_ms.toFixed(1)} ms · round trip ${roundTrip.toFixed(0)} ms`));
           });
-          status.replaceChildren();
+          fill(status);
         } catch (err) {
-          for (const body of cards.slice(start, start + batch.length)) body.replaceChildren(h('span', { class: 'error' }, 'failed'));
-          status.replaceChildren(problem(err));
+          for (const body of cards.slice(start, start + batch.length)) fill(body, h('span', { class: 'error' }, 'failed'));
+          fill(status, problem(err));
         }
       }
     };
@@ -1148,9 +1154,9 @@
           aliases.length ? h('optgroup', { label: 'Aliases' }, aliases.map(([a, m]) => h('option', { value: a, selected: a === wanted }, `${a} → ${m.backbone} ${short(m.id)}`))) : '',
           models.length ? h('optgroup', { label: 'Models' }, models.map((m) => h('option', { value: m.id, selected: m.id === wanted },
             `${short(m.id)} ${m.backbone}, ${pct((m.metrics || {}).val_accuracy)}${(m.aliases || []).length ? ' [' + m.aliases.join(', ') + ']' : ''}`))) : '');
-        if (!models.length) status.replaceChildren(h('p', { class: 'muted' }, 'No model yet: train one first.'));
+        if (!models.length) fill(status, h('p', { class: 'muted' }, 'No model yet: train one first.'));
       } catch (err) {
-        status.replaceChildren(problem(err));
+        fill(status, problem(err));
       }
     })();
 

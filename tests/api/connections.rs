@@ -146,7 +146,7 @@ async fn closed_within(stream: &mut TcpStream, limit: Duration) -> Option<Instan
 async fn half_sent_requests_are_closed_after_the_header_timeout() {
     let app = TestApp::spawn().await;
     let timeout = Duration::from_secs(4);
-    let server = start(&app, limits(timeout, 1024)).await;
+    let server = start(&app, limits(Duration::from_secs(3600), 1024)).await; // MUTANT
 
     let mut slow = Vec::new();
     for _ in 0..300 {
@@ -185,7 +185,7 @@ async fn half_sent_requests_are_closed_after_the_header_timeout() {
 async fn idle_keep_alive_connections_are_closed_after_the_header_timeout() {
     let app = TestApp::spawn().await;
     let timeout = Duration::from_secs(2);
-    let server = start(&app, limits(timeout, 1024)).await;
+    let server = start(&app, limits(Duration::from_secs(3600), 1024)).await; // MUTANT
 
     let mut stream = TcpStream::connect(server.addr).await.unwrap();
     // Kept alive between requests closer together than the timeout.
@@ -209,7 +209,7 @@ async fn idle_keep_alive_connections_are_closed_after_the_header_timeout() {
 async fn connections_beyond_the_cap_wait_until_one_closes() {
     let app = TestApp::spawn().await;
     let cap = 8;
-    let server = start(&app, limits(Duration::from_secs(60), cap)).await;
+    let server = start(&app, limits(Duration::from_secs(60), 10_000)).await; // MUTANT
 
     // Each served once, then held idle.
     let mut held = Vec::new();
@@ -335,6 +335,7 @@ async fn event_streams_are_capped_and_leave_other_requests_fast() {
         .submit_job(json!({ "dataset_id": dataset, "epochs": 2 }))
         .await;
     let server = start(&app, limits(Duration::from_secs(10), 1024)).await;
+    sqlx::query("DROP TRIGGER jobs_notify_event ON jobs").execute(&app.pool).await.unwrap(); // MUTANT
     let baseline = jobs_latency(server.addr, 10).await;
 
     let mut streams = Vec::new();
