@@ -65,6 +65,9 @@ pub enum TrainEvent {
         images_per_second: f64,
         /// Estimated seconds to the end of the last epoch.
         eta_seconds: f64,
+        /// Mean training loss of the epoch so far (what a live curve shows
+        /// moving within the epoch).
+        loss: f64,
     },
     /// The epoch's checkpoints are about to be written. Like every event but
     /// `Progress`, the callback returns once the worker has dealt with it; a
@@ -280,6 +283,7 @@ fn train_inner(
                     steps,
                     images_per_second,
                     eta_seconds: remaining as f64 / images_per_second,
+                    loss: loss_sum / (start + len) as f64,
                 });
             }
         }

@@ -405,10 +405,12 @@ impl Worker {
                 steps,
                 images_per_second,
                 eta_seconds,
+                loss,
             } => {
                 let progress = json!({
                     "epoch": epoch, "step": step, "steps": steps,
                     "images_per_second": images_per_second, "eta_seconds": eta_seconds,
+                    "loss": loss,
                 });
                 store::retry(DB_PATIENCE, || {
                     jobs::set_progress(pool, lease.job_id, &lease.worker, &progress)
