@@ -18,7 +18,8 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 ENV FINETUNED_CACHE=/opt/finetuned \
-    CARGO_TARGET_DIR=/opt/finetuned/target
+    CARGO_TARGET_DIR=/opt/finetuned/target \
+    FINETUNED_BROWSER_TESTS=0
 # Dependencies first, so editing the sources does not reinstall torch.
 COPY scripts/ scripts/
 RUN scripts/setup

@@ -742,9 +742,13 @@
       width: Math.max(280, container.clientWidth || 480),
       height: 220,
       scales: { x: { time: false } },
-      axes: [Object.assign({ label: 'epoch' }, axis), axis],
+      // Whole epochs on x; y labels with the digits a learning rate needs
+      // (uPlot's default keeps 3 decimals: 1e-4 would read 0).
+      axes: [Object.assign({ label: 'epoch', incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000] }, axis),
+        Object.assign({ size: 60, values: (u, splits) => splits.map((v) => (v === null ? '' : String(+v.toPrecision(4)))) }, axis)],
       series: [{ label: 'epoch' }, ...series.map((s) => ({
-        label: s.label, stroke: cssVar(s.color), width: 2, points: { show: true, size: 6 },
+        label: s.label, stroke: cssVar(s.color), width: s.dash ? 1 : 2, dash: s.dash, spanGaps: true,
+        points: { show: !s.dash, size: 6 },
       }))],
       plugins: [marker],
     };
@@ -761,6 +765,12 @@
         chart.setData(next);
         container.dataset.points = String(rows.length);
       },
+      // Points at any x (fractional epochs within one), `null` where a
+      // series has none; `epochs` finished epochs among them.
+      setXY(xs, pick, epochs) {
+        chart.setData([xs, ...pick.map((f) => xs.map(f))]);
+        container.dataset.points = String(epochs);
+      },
       redraw() { chart.redraw(false, false); },
       destroy() { resize.disconnect(); chart.destroy(); },
     };
@@ -768,7 +778,7 @@
 
   function jobPage(id) {
     const controller = new AbortController();
-    const state = { job: null, epochs: [], progress: null, selected: null, normalise: false };
+    const state = { job: null, epochs: [], progress: null, live: [], selected: null, normalise: false };
     const head = h('div', {}, h('p', { class: 'muted' }, 'Loading…'));
     const progressBox = h('div', {});
     const streamNote = h('div', { class: 'muted', role: 'status' });
@@ -826,13 +836,21 @@
     const renderCharts = () => {
       if (!charts) {
         charts = {
-          loss: lineChart(lossBox, 'Loss', [{ label: 'train', color: '--train' }, { label: 'val', color: '--val' }], bestEpoch),
+          loss: lineChart(lossBox, 'Loss', [{ label: 'train', color: '--train' }, { label: 'val', color: '--val' },
+            { label: 'train (within the epoch)', color: '--train', dash: [3, 3] }], bestEpoch),
           acc: lineChart(accBox, 'Accuracy', [{ label: 'train', color: '--train' }, { label: 'val', color: '--val' }, { label: 'val macro-F1', color: '--lr' }], bestEpoch),
           lr: lineChart(lrBox, 'Learning rate', [{ label: 'head lr', color: '--lr' }], bestEpoch),
         };
       }
       const rows = state.epochs;
-      charts.loss.set(rows, [(r) => r.train_loss, (r) => r.val_loss]);
+      // Finished epochs at whole x; the running mean loss within an epoch
+      // at fractional x (epoch − 1 + step / steps), as it moves.
+      const byEpoch = new Map(rows.map((r) => [r.epoch, r]));
+      const live = new Map(state.live.map((p) => [p.x, p.loss]));
+      const xs = [...new Set([...byEpoch.keys(), ...live.keys()])].sort((a, b) => a - b);
+      const at = (x, f) => (byEpoch.has(x) ? f(byEpoch.get(x)) : null);
+      charts.loss.setXY(xs, [(x) => at(x, (r) => r.train_loss), (x) => at(x, (r) => r.val_loss),
+        (x) => (live.has(x) ? live.get(x) : null)], rows.length);
       charts.acc.set(rows, [(r) => r.train_accuracy, (r) => r.val_accuracy, (r) => r.val_macro_f1]);
       charts.lr.set(rows, [(r) => r.learning_rate]);
     };
@@ -901,6 +919,10 @@
               renderProgress();
             } else if (event === 'progress') {
               state.progress = value;
+              if (Number.isFinite(value.loss) && value.steps) {
+                state.live.push({ x: value.epoch - 1 + value.step / value.steps, loss: value.loss });
+                if (charts) renderCharts();
+              }
               renderProgress();
             } else if (event === 'status') {
               Object.assign(state.job, {

@@ -7,11 +7,16 @@
 TORCH_VERSION=2.13.0
 TORCHVISION_VERSION=0.28.0
 SAFETENSORS_VERSION=0.8.0
+# The console's browser tests (scripts/console-test) drive Debian's Chromium
+# with this npm package; 1.61 is the newest that still runs on Debian's
+# Node 18.
+PLAYWRIGHT_CORE_VERSION=1.61.1
 
 FINETUNED_CACHE=${FINETUNED_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/finetuned}
 VENV="$FINETUNED_CACHE/torch-$TORCH_VERSION"
 WEIGHTS_CACHE="$FINETUNED_CACHE/weights"
 FIXTURES_CACHE="$FINETUNED_CACHE/fixtures"
+CONSOLE_TESTS_CACHE="$FINETUNED_CACHE/console-tests-$PLAYWRIGHT_CORE_VERSION"
 
 export FINETUNED_CACHE
 export FINETUNED_VENV="$VENV"

@@ -1,24 +1,28 @@
 //! `POST /datasets` (archive upload), `GET /datasets`, `GET /datasets/{id}`,
 //! `GET /datasets/{id}/samples`, `DELETE /datasets/{id}`.
+//!
+//! The handlers read the request; turning the upload into a dataset is
+//! `datasets/ingest.rs`'s job, the samples and their thumbnails
+//! `datasets/samples.rs`'s.
 
-use std::path::Path as FsPath;
+mod ingest;
+mod samples;
 
 use axum::extract::{Path, Request, State};
 use axum::http::{header, StatusCode};
 use axum::Json;
 use futures_util::StreamExt;
 use serde::Deserialize;
-use serde_json::json;
 use uuid::Uuid;
 
 use super::extract::ApiQuery;
 use super::upload::{read_multipart, remove_path, write_upload, RemoveOnDrop};
 use super::{parse_id, AppState, Created};
 use crate::artifacts::Artifacts;
-use crate::data::{self, preprocess, stored, IngestOptions, Progress};
+use crate::data::{preprocess, IngestOptions};
 use crate::error::{ApiError, FieldError};
-use crate::store::datasets::{self as store, DatasetRow, Ingested};
-use crate::store::{DatasetStatus, Pool};
+use crate::store::datasets::{self as store, DatasetRow};
+pub use samples::samples;
 
 /// Form fields of an upload besides the archive itself.
 struct UploadForm {
@@ -196,165 +200,16 @@ pub async fn create(
     }
 
     let id = Uuid::new_v4();
-    let key = Artifacts::dataset_key(id);
     let name = form
         .name
         .or(form.filename.map(|f| archive_stem(&f).to_string()))
         .unwrap_or_else(|| format!("dataset-{id}"));
-    // Armed before the insert: a request dropped while the insert is in
-    // flight may still have committed it.
-    let row_guard = DiscardOnDrop {
-        pool: Some(state.pool.clone()),
-        id,
-    };
-    let stored_size = form.options.stored_size as i32;
-    store::insert_ingesting(&state.pool, id, &name, bytes as i64, stored_size, &key).await?;
-    let dataset_dir = RemoveOnDrop(state.artifacts.path(&key));
-    match ingest(&state, id, upload, dataset_dir, form.options).await {
-        Ok((report, dataset_dir)) => {
-            let row = store::finish_ingest(&state.pool, id, ingested(&report)).await?;
-            let Some(row) = row else {
-                return Err(ApiError::Conflict(format!(
-                    "dataset {id} was deleted while it was ingesting"
-                )));
-            };
-            row_guard.disarm();
-            dataset_dir.keep();
-            tracing::info!(dataset_id = %id, classes = row.classes.len(), images = row.num_train + row.num_val + row.num_test, "dataset stored");
-            Ok((
-                StatusCode::CREATED,
-                [(header::LOCATION, format!("/datasets/{id}"))],
-                Json(row),
-            ))
-        }
-        Err(err) => {
-            store::discard_ingesting(&state.pool, id).await?;
-            row_guard.disarm();
-            Err(err)
-        }
-    }
-}
-
-/// What the row records of a finished ingest.
-fn ingested(report: &data::IngestReport) -> Ingested<'_> {
-    let counts = |per_class: &[i64]| -> serde_json::Map<String, serde_json::Value> {
-        report
-            .classes
-            .iter()
-            .cloned()
-            .zip(per_class.iter().map(|&n| json!(n)))
-            .collect()
-    };
-    let total = |per_class: &[i64]| per_class.iter().sum::<i64>() as i32;
-    Ingested {
-        classes: &report.classes,
-        counts: json!({
-            "train": counts(&report.train_counts),
-            "val": counts(&report.val_counts),
-            "test": counts(&report.test_counts),
-        }),
-        num_train: total(&report.train_counts),
-        num_val: total(&report.val_counts),
-        num_test: total(&report.test_counts),
-        report: report_json(report),
-    }
-}
-
-/// Entries of each report list kept (in the answer and the row); a few
-/// kilobytes of archive may name millions of skipped files.
-const REPORT_ENTRIES: usize = 1000;
-
-/// The report, each list cut to [`REPORT_ENTRIES`] with the rest counted
-/// (`skipped_omitted`, …).
-fn report_json(report: &data::IngestReport) -> serde_json::Value {
-    let mut out = serde_json::Map::new();
-    let mut list = |name: &str, items: Vec<serde_json::Value>| {
-        let omitted = items.len().saturating_sub(REPORT_ENTRIES);
-        out.insert(
-            name.to_string(),
-            items.into_iter().take(REPORT_ENTRIES).collect(),
-        );
-        if omitted > 0 {
-            out.insert(format!("{name}_omitted"), omitted.into());
-        }
-    };
-    let values = |items: &[Vec<String>]| items.iter().map(|group| json!(group)).collect();
-    list("skipped", report.skipped.iter().map(|s| json!(s)).collect());
-    list("duplicates", values(&report.duplicates));
-    list("leakage", values(&report.leakage));
-    serde_json::Value::Object(out)
-}
-
-/// Runs the ingest on a blocking thread, recording its progress on the row
-/// every second, and publishes the result to the shared store.
-async fn ingest(
-    state: &AppState,
-    id: Uuid,
-    upload: RemoveOnDrop,
-    dataset_dir: RemoveOnDrop,
-    options: IngestOptions,
-) -> Result<(data::IngestReport, RemoveOnDrop), ApiError> {
-    let latest = std::sync::Arc::new(std::sync::Mutex::new(Progress {
-        stage: "reading",
-        done: 0,
-        total: 0,
-    }));
-    let sink = latest.clone();
-    // The ingest owns the cleanup guards: when the request is dropped (client
-    // gone, deadline passed) they are dropped after the ingest stops writing.
-    let mut task = tokio::task::spawn_blocking(move || {
-        let report_progress = |p: Progress| *sink.lock().expect("progress lock") = p;
-        let report = data::ingest_archive(&upload.0, &dataset_dir.0, &options, &report_progress);
-        drop(upload);
-        (report, dataset_dir)
-    });
-    let mut beat = tokio::time::interval(std::time::Duration::from_secs(1));
-    beat.tick().await;
-    let (report, dataset_dir) = loop {
-        tokio::select! {
-            done = &mut task => break done?,
-            _ = beat.tick() => {
-                let now = *latest.lock().expect("progress lock");
-                if let Err(err) = store::set_progress(&state.pool, id, json!(now)).await {
-                    tracing::warn!(dataset_id = %id, error = %err, "recording ingest progress failed");
-                }
-            }
-        }
-    };
-    let report = report?;
-    state
-        .artifacts
-        .publish_dir(&Artifacts::dataset_key(id))
-        .await?;
-    Ok((report, dataset_dir))
-}
-
-/// Removes the `ingesting` row of a request that was dropped mid-ingest.
-struct DiscardOnDrop {
-    /// `None` once disarmed.
-    pool: Option<Pool>,
-    id: Uuid,
-}
-
-impl DiscardOnDrop {
-    fn disarm(mut self) {
-        self.pool = None;
-    }
-}
-
-impl Drop for DiscardOnDrop {
-    fn drop(&mut self) {
-        let (Some(pool), id) = (self.pool.take(), self.id) else {
-            return;
-        };
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                if let Err(err) = store::discard_ingesting(&pool, id).await {
-                    tracing::warn!(dataset_id = %id, error = %err, "removing an abandoned ingest failed");
-                }
-            });
-        }
-    }
+    let row = ingest::run(&state, id, &name, bytes, upload, form.options).await?;
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, format!("/datasets/{id}"))],
+        Json(row),
+    ))
 }
 
 pub async fn get(
@@ -391,139 +246,6 @@ pub async fn delete(
     state.artifacts.unpublish_dir(&key).await?;
     tracing::info!(dataset_id = %id, "dataset deleted");
     Ok(StatusCode::NO_CONTENT)
-}
-
-/// Query of `GET /datasets/{id}/samples`.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SampleParams {
-    class: Option<String>,
-    split: Option<String>,
-    limit: Option<String>,
-}
-
-/// Side of the thumbnails `samples` returns.
-const THUMBNAIL_SIDE: u32 = 96;
-
-/// A few stored images with their source paths and thumbnails, taken from
-/// each class in turn (or from one class), for a UI to show what a dataset
-/// holds.
-pub async fn samples(
-    State(state): State<AppState>,
-    Path(id): Path<String>,
-    ApiQuery(params): ApiQuery<SampleParams>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let id = parse_id(&id, "dataset")?;
-    let dataset = store::get(&state.pool, id)
-        .await?
-        .filter(|d| d.status != DatasetStatus::Deleted)
-        .ok_or_else(|| ApiError::NotFound(format!("no dataset with id {id}")))?;
-    if dataset.status != DatasetStatus::Ready {
-        return Err(ApiError::Conflict(format!(
-            "dataset {id} is {}; samples exist once it is ready",
-            dataset.status
-        )));
-    }
-    let mut errors = Vec::new();
-    let limit = match params.limit.as_deref().map(str::parse::<usize>) {
-        None => 12,
-        Some(Ok(n)) if (1..=100).contains(&n) => n,
-        Some(_) => {
-            errors.push(FieldError::new("limit", "must be an integer in [1, 100]"));
-            0
-        }
-    };
-    let splits: Vec<&str> = match params.split.as_deref() {
-        None => vec!["train", "val", "test"],
-        Some(split @ ("train" | "val" | "test")) => vec![split],
-        Some(_) => {
-            errors.push(FieldError::new("split", "must be train, val or test"));
-            vec![]
-        }
-    };
-    let classes = &dataset.classes.0;
-    let wanted_class = match &params.class {
-        None => None,
-        Some(class) => match classes.iter().position(|c| c == class) {
-            Some(label) => Some(label),
-            None => {
-                errors.push(FieldError::new(
-                    "class",
-                    format!("no class {class:?}; the classes are {}", classes.join(", ")),
-                ));
-                None
-            }
-        },
-    };
-    if !errors.is_empty() {
-        return Err(ApiError::invalid("invalid sample query", errors));
-    }
-    let dir = state.artifacts.fetch(&dataset.artifact_key).await?;
-    let classes = classes.clone();
-    let splits: Vec<String> = splits.into_iter().map(str::to_string).collect();
-    let items = tokio::task::spawn_blocking(move || {
-        pick_samples(&dir, &classes, &splits, wanted_class, limit)
-    })
-    .await?
-    .map_err(|err| match err.kind() {
-        std::io::ErrorKind::NotFound => ApiError::Conflict(format!(
-            "dataset {id} was stored without a sample index; upload it again to browse it"
-        )),
-        _ => ApiError::Internal(err.into()),
-    })?;
-    Ok(Json(json!({ "dataset_id": id, "items": items })))
-}
-
-/// Takes up to `limit` images, one from each class in turn, with their
-/// thumbnails as PNG data URLs.
-fn pick_samples(
-    dir: &FsPath,
-    classes: &[String],
-    splits: &[String],
-    wanted_class: Option<usize>,
-    limit: usize,
-) -> std::io::Result<Vec<serde_json::Value>> {
-    use base64::Engine;
-    let index = stored::Index::read(dir)?;
-    let mut per_class: Vec<std::collections::VecDeque<(&str, usize, &stored::IndexEntry)>> =
-        vec![Default::default(); classes.len()];
-    for split in splits {
-        let entries = index.split(split).unwrap_or_default();
-        for (slot, entry) in entries.iter().enumerate() {
-            if wanted_class.is_none_or(|label| label == entry.label) {
-                per_class[entry.label].push_back((split.as_str(), slot, entry));
-            }
-        }
-    }
-    let mut items = Vec::new();
-    while items.len() < limit && per_class.iter().any(|queue| !queue.is_empty()) {
-        for queue in per_class.iter_mut() {
-            let Some((split, slot, entry)) = queue.pop_front() else {
-                continue;
-            };
-            if items.len() == limit {
-                break;
-            }
-            let file = match split {
-                "train" => stored::TRAIN_FILE,
-                "val" => stored::VAL_FILE,
-                _ => stored::TEST_FILE,
-            };
-            let pixels = stored::read_image(&dir.join(file), slot)?;
-            let png = stored::thumbnail_png(&pixels, THUMBNAIL_SIDE);
-            items.push(json!({
-                "split": split,
-                "index": slot,
-                "class": classes[entry.label],
-                "path": entry.path,
-                "thumbnail": format!(
-                    "data:image/png;base64,{}",
-                    base64::engine::general_purpose::STANDARD.encode(png)
-                ),
-            }));
-        }
-    }
-    Ok(items)
 }
 
 pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<DatasetRow>>, ApiError> {

@@ -166,14 +166,10 @@ pub async fn export(
             let _ = std::fs::remove_file(&traced);
             result
         })
-        .await
-        .map_err(|e| ApiError::Internal(e.into()))?
-        .map_err(|e| ApiError::Internal(e.into()))?;
+        .await??;
         ("model.pt", bytes)
     } else {
-        let bytes = tokio::fs::read(&spec.checkpoint)
-            .await
-            .map_err(|e| ApiError::Internal(e.into()))?;
+        let bytes = tokio::fs::read(&spec.checkpoint).await?;
         ("weights.safetensors", bytes)
     };
     let archive = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
@@ -187,9 +183,7 @@ pub async fn export(
         zip.write_all(&contents)?;
         Ok(zip.finish().map_err(std::io::Error::other)?.into_inner())
     })
-    .await
-    .map_err(|e| ApiError::Internal(e.into()))?
-    .map_err(|e| ApiError::Internal(e.into()))?;
+    .await??;
     Ok((
         [
             (header::CONTENT_TYPE, "application/zip".to_string()),

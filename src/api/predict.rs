@@ -3,6 +3,7 @@
 
 use std::time::Instant;
 
+use anyhow::Context;
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Multipart, Request, State};
 use axum::http::header;
@@ -32,6 +33,9 @@ pub struct PredictParams {
 const DEFAULT_TOP_K: usize = 5;
 /// Most images one request may carry.
 const MAX_IMAGES: usize = 64;
+/// An image's reason when the server failed to decode it (the cause is
+/// logged, not sent).
+const DECODE_FAILED: &str = "the server failed to decode this image (internal error)";
 
 /// The JSON form of a request: one image or several, base64-encoded.
 #[derive(Deserialize)]
@@ -106,10 +110,16 @@ pub async fn predict(
         let permits = state.decode_permits.clone();
         async move {
             let bytes = bytes?;
-            let _permit = permits.acquire_owned().await.map_err(|e| e.to_string())?;
+            let _permit = permits.acquire_owned().await.map_err(|err| {
+                tracing::error!(error = %err, "no decode permit");
+                DECODE_FAILED.to_string()
+            })?;
             tokio::task::spawn_blocking(move || preprocess::decode_at(&bytes, stored_size))
                 .await
-                .map_err(|e| e.to_string())?
+                .map_err(|err| {
+                    tracing::error!(error = %err, "an image's decode task failed");
+                    DECODE_FAILED.to_string()
+                })?
                 .map_err(|reason| format!("cannot decode: {reason}"))
         }
     }))
@@ -263,19 +273,10 @@ async fn read_images(request: Request, state: &AppState) -> Result<Vec<Upload>, 
 
 /// What the inference thread needs to load a model.
 pub(crate) async fn model_spec(state: &AppState, model: &ModelRow) -> Result<ModelSpec, ApiError> {
-    state
-        .artifacts
-        .fetch_final(&model.artifact_key)
-        .await
-        .map_err(|e| ApiError::Internal(e.into()))?;
-    let mut spec =
-        serving_spec(model, &state.artifacts).map_err(|e| ApiError::Internal(e.into()))?;
+    state.artifacts.fetch_final(&model.artifact_key).await?;
+    let mut spec = serving_spec(model, &state.artifacts)?;
     if let Some(backbone) = crate::train::backbone::uploaded(&state.pool, &model.backbone).await? {
-        state
-            .artifacts
-            .fetch(&backbone.artifact_key)
-            .await
-            .map_err(|e| ApiError::Internal(e.into()))?;
+        state.artifacts.fetch(&backbone.artifact_key).await?;
         spec.script = Some(crate::train::backbone::script_spec(
             &backbone,
             &state.artifacts,
@@ -286,7 +287,7 @@ pub(crate) async fn model_spec(state: &AppState, model: &ModelRow) -> Result<Mod
 
 /// The serving spec of a registered model, its checkpoint under `artifacts`
 /// (without an uploaded backbone: [`model_spec`] adds that).
-fn serving_spec(model: &ModelRow, artifacts: &Artifacts) -> Result<ModelSpec, serde_json::Error> {
+fn serving_spec(model: &ModelRow, artifacts: &Artifacts) -> anyhow::Result<ModelSpec> {
     Ok(ModelSpec {
         id: model.id,
         checkpoint: artifacts.path(&model.artifact_key),
@@ -294,7 +295,8 @@ fn serving_spec(model: &ModelRow, artifacts: &Artifacts) -> Result<ModelSpec, se
         labels: model.labels.0.clone(),
         image_size: i64::from(model.image_size),
         stored_size: model.stored_size as u32,
-        normalization: serde_json::from_value(model.normalization.0.clone())?,
+        normalization: serde_json::from_value(model.normalization.0.clone())
+            .context("reading the model's normalization")?,
         script: None,
     })
 }

@@ -10,7 +10,10 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use tch::Tensor;
+
 use super::preprocess::stored_bytes;
+use super::DataError;
 
 pub const TRAIN_FILE: &str = "train.safetensors";
 pub const VAL_FILE: &str = "val.safetensors";
@@ -121,6 +124,27 @@ impl SplitWriter {
             Some(dir) => crate::durable::sync_dir(dir),
             None => Ok(()),
         }
+    }
+}
+
+/// Reads a stored split: uint8 images `[N, 3, S, S]` and int64 labels `[N]`.
+pub fn load_split(dir: &Path, file: &str) -> Result<(Tensor, Tensor), DataError> {
+    let tensors = Tensor::read_safetensors(dir.join(file))?;
+    let mut images = None;
+    let mut labels = None;
+    for (name, tensor) in tensors {
+        match name.as_str() {
+            "images" => images = Some(tensor),
+            "labels" => labels = Some(tensor),
+            _ => {}
+        }
+    }
+    match (images, labels) {
+        (Some(images), Some(labels)) => Ok((images, labels)),
+        _ => Err(DataError::Io(std::io::Error::other(format!(
+            "{} lacks its images or labels",
+            dir.join(file).display()
+        )))),
     }
 }
 

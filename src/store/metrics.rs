@@ -1,12 +1,12 @@
 //! `epoch_metrics` and `checkpoints`: the record of each training epoch.
-//! Workers write them under their lease ([`jobs::fence`]).
+//! Workers write them under their lease ([`leases::fence`]).
 
 use serde::{Deserialize, Serialize};
 use sqlx::types::Json;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::jobs::{self, Lease};
+use super::leases::{self, Lease};
 
 /// Precision, recall and F1 of one class on the validation split.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -90,8 +90,8 @@ pub async fn record_epoch(
     run_id: Uuid,
     m: &EpochMetrics,
 ) -> sqlx::Result<bool> {
-    let mut tx = jobs::begin(pool).await?;
-    let Some(mut fenced) = jobs::fence(&mut tx, lease).await? else {
+    let mut tx = leases::begin(pool).await?;
+    let Some(mut fenced) = leases::fence(&mut tx, lease).await? else {
         return Ok(false);
     };
     let job_id = fenced.job_id();
@@ -175,8 +175,8 @@ pub async fn record_best_checkpoint(
     artifact_key: &str,
     metric: f64,
 ) -> sqlx::Result<bool> {
-    let mut tx = jobs::begin(pool).await?;
-    let Some(mut fenced) = jobs::fence(&mut tx, lease).await? else {
+    let mut tx = leases::begin(pool).await?;
+    let Some(mut fenced) = leases::fence(&mut tx, lease).await? else {
         return Ok(false);
     };
     let job_id = fenced.job_id();

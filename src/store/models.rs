@@ -7,7 +7,7 @@ use sqlx::types::Json;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::jobs::Fenced;
+use super::leases::Fenced;
 
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct ModelRow {

@@ -1,0 +1,238 @@
+//! One attempt of a claimed job, supervised: the training thread is started,
+//! its events recorded as they come, and it is told to stop at its next
+//! batch on cancellation, shutdown, a lost lease or a write that failed for
+//! good. Whatever the outcome, no training thread outlives the attempt; a
+//! finished run's model card is written and published while the lease holds.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot, watch};
+use uuid::Uuid;
+
+use super::lease::Heartbeat;
+use super::trainer::{self, TrainError, TrainEvent, TrainSpec, TrainSummary, BEST_CHECKPOINT};
+use super::worker::{write_model_card, ModelCard, Worker, DB_PATIENCE, MODEL_CARD_FILE};
+use crate::artifacts::Artifacts;
+use crate::store::leases::{self, Lease};
+use crate::store::{self, jobs};
+
+/// How often a running job checks whether it was cancelled.
+const CANCEL_POLL: Duration = Duration::from_millis(500);
+
+/// Why a training thread was told to stop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum StopReason {
+    Cancelled,
+    Shutdown,
+    /// The lease passed to another attempt or expired: nothing more may be
+    /// written for the job.
+    LeaseLost,
+}
+
+impl StopReason {
+    pub(super) fn name(self) -> &'static str {
+        match self {
+            StopReason::Cancelled => "cancelled",
+            StopReason::Shutdown => "shutdown",
+            StopReason::LeaseLost => "lease lost",
+        }
+    }
+}
+
+/// Why an attempt did not finish.
+pub(super) enum RunError {
+    /// The job cannot succeed; the reason is shown to the user.
+    Failed(String),
+    /// The training thread was told to stop.
+    Stopped(StopReason),
+}
+
+/// A finished run: its best epoch and the model card written beside it.
+pub(super) struct Finished {
+    pub(super) summary: TrainSummary,
+    pub(super) card: ModelCard,
+}
+
+impl Worker {
+    /// Runs the training thread, recording its events, renewing the lease and
+    /// watching for cancellation and shutdown until the thread has ended:
+    /// whatever the outcome, no training thread outlives this call.
+    pub(super) async fn run_attempt(
+        &self,
+        lease: &Lease,
+        claimed_at: Instant,
+        run_id: Uuid,
+        spec: TrainSpec,
+        card: ModelCard,
+        shutdown: Option<&watch::Receiver<bool>>,
+    ) -> Result<Finished, RunError> {
+        let mut stopper = Stopper::default();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let thread_stop = stopper.flag.clone();
+        let job_dir = spec.job_dir.clone();
+        std::thread::Builder::new()
+            .name(format!("train-{}", lease.job_id))
+            .spawn(move || {
+                let events = tx.clone();
+                let result =
+                    trainer::train(&spec, &thread_stop, &mut |event| report(&events, event));
+                let _ = tx.send(Message::Done(result));
+            })
+            .map_err(|err| {
+                RunError::Failed(format!("could not start the training thread: {err}"))
+            })?;
+
+        let mut heartbeat = Heartbeat::new(self.lease, claimed_at);
+        let mut cancel_poll = tokio::time::interval(CANCEL_POLL);
+        let mut shutdown = shutdown.cloned();
+        // A write that failed for good: the job's outcome once the thread stops.
+        let mut failure: Option<RunError> = None;
+        loop {
+            let lost = stopper.reason == Some(StopReason::LeaseLost);
+            tokio::select! {
+                message = rx.recv() => match message {
+                    Some(Message::Event(event, handled)) => {
+                        if !lost && failure.is_none() {
+                            match self.record(lease, run_id, event).await {
+                                Ok(()) => {}
+                                Err(RunError::Stopped(reason)) => stopper.request(reason),
+                                Err(err) => {
+                                    tracing::warn!("a write failed for good: stopping training at the next batch");
+                                    stopper.flag.store(true, Ordering::Relaxed);
+                                    failure = Some(err);
+                                }
+                            }
+                        }
+                        // Only now (the stop flag raised if need be) does the
+                        // thread go on to write its next file.
+                        drop(handled);
+                    }
+                    Some(Message::Done(result)) => {
+                        return self.ended(lease, &job_dir, card, result, failure, stopper.reason).await;
+                    }
+                    None => return Err(RunError::Stopped(stopper.reason.unwrap_or(StopReason::Shutdown))),
+                },
+                _ = heartbeat.due(), if !lost => {
+                    if !self.renew(&mut heartbeat, lease).await {
+                        stopper.request(StopReason::LeaseLost);
+                    }
+                }
+                _ = cancel_poll.tick(), if stopper.reason.is_none() => {
+                    if jobs::cancel_requested(&self.pool, lease.job_id).await.unwrap_or(false) {
+                        stopper.request(StopReason::Cancelled);
+                    }
+                }
+                _ = wait_for_shutdown(&mut shutdown) => {
+                    stopper.request(StopReason::Shutdown);
+                    shutdown = None;
+                }
+            }
+        }
+    }
+
+    /// What a run came to once its thread ended. A finished run's model card
+    /// is written and published only while the lease still holds.
+    async fn ended(
+        &self,
+        lease: &Lease,
+        job_dir: &Path,
+        card: ModelCard,
+        result: Result<TrainSummary, TrainError>,
+        failure: Option<RunError>,
+        stopped: Option<StopReason>,
+    ) -> Result<Finished, RunError> {
+        if let Some(err) = failure {
+            return Err(err);
+        }
+        let summary = match result {
+            Ok(_) if stopped == Some(StopReason::LeaseLost) => {
+                tracing::info!(
+                    "training thread ended before it saw the stop; the job is another attempt's"
+                );
+                return Err(RunError::Stopped(StopReason::LeaseLost));
+            }
+            Ok(summary) => summary,
+            Err(TrainError::Stopped) => {
+                let reason = stopped.unwrap_or(StopReason::Shutdown);
+                tracing::info!(reason = reason.name(), "training thread stopped");
+                return Err(RunError::Stopped(reason));
+            }
+            Err(err) => return Err(RunError::Failed(err.to_string())),
+        };
+        let held = store::retry(DB_PATIENCE, || leases::holds(&self.pool, lease))
+            .await
+            .map_err(|err| RunError::Failed(format!("checking the lease failed: {err}")))?;
+        if !held {
+            return Err(RunError::Stopped(StopReason::LeaseLost));
+        }
+        write_model_card(job_dir, &card).map_err(|e| RunError::Failed(e.to_string()))?;
+        let key = Artifacts::job_key(lease.job_id);
+        for file in [BEST_CHECKPOINT, MODEL_CARD_FILE] {
+            self.artifacts
+                .publish(&format!("{key}/{file}"))
+                .await
+                .map_err(|err| RunError::Failed(format!("publishing the model failed: {err}")))?;
+        }
+        Ok(Finished { summary, card })
+    }
+}
+
+enum Message {
+    /// An event, and (but for progress) whom to tell once it is dealt with.
+    Event(TrainEvent, Option<oneshot::Sender<()>>),
+    Done(Result<TrainSummary, TrainError>),
+}
+
+/// Sends an event from the training thread and, except for progress, waits
+/// until the worker has dealt with it: recorded it, or raised the stop flag.
+fn report(events: &mpsc::UnboundedSender<Message>, event: TrainEvent) {
+    if let TrainEvent::Progress { .. } = event {
+        let _ = events.send(Message::Event(event, None));
+        return;
+    }
+    let (handled, wait) = oneshot::channel();
+    if events.send(Message::Event(event, Some(handled))).is_ok() {
+        let _ = wait.blocking_recv();
+    }
+}
+
+/// The training thread's stop flag, and why it was raised. Raised when
+/// dropped too, so no early return leaves the thread training.
+#[derive(Default)]
+struct Stopper {
+    flag: Arc<AtomicBool>,
+    reason: Option<StopReason>,
+}
+
+impl Stopper {
+    fn request(&mut self, reason: StopReason) {
+        if self.reason.is_none() {
+            tracing::info!(
+                reason = reason.name(),
+                "stopping training at the next batch"
+            );
+            self.reason = Some(reason);
+            self.flag.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Stopper {
+    fn drop(&mut self) {
+        self.flag.store(true, Ordering::Relaxed);
+    }
+}
+
+async fn wait_for_shutdown(shutdown: &mut Option<watch::Receiver<bool>>) {
+    match shutdown {
+        Some(rx) => {
+            if rx.wait_for(|stop| *stop).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
+    }
+}
