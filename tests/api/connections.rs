@@ -146,7 +146,7 @@ async fn closed_within(stream: &mut TcpStream, limit: Duration) -> Option<Instan
 async fn half_sent_requests_are_closed_after_the_header_timeout() {
     let app = TestApp::spawn().await;
     let timeout = Duration::from_secs(4);
-    let server = start(&app, limits(Duration::from_secs(3600), 1024)).await; // MUTANT
+    let server = start(&app, limits(timeout, 1024)).await;
 
     let mut slow = Vec::new();
     for _ in 0..300 {
@@ -185,7 +185,7 @@ async fn half_sent_requests_are_closed_after_the_header_timeout() {
 async fn idle_keep_alive_connections_are_closed_after_the_header_timeout() {
     let app = TestApp::spawn().await;
     let timeout = Duration::from_secs(2);
-    let server = start(&app, limits(Duration::from_secs(3600), 1024)).await; // MUTANT
+    let server = start(&app, limits(timeout, 1024)).await;
 
     let mut stream = TcpStream::connect(server.addr).await.unwrap();
     // Kept alive between requests closer together than the timeout.
@@ -209,7 +209,7 @@ async fn idle_keep_alive_connections_are_closed_after_the_header_timeout() {
 async fn connections_beyond_the_cap_wait_until_one_closes() {
     let app = TestApp::spawn().await;
     let cap = 8;
-    let server = start(&app, limits(Duration::from_secs(60), 10_000)).await; // MUTANT
+    let server = start(&app, limits(Duration::from_secs(60), cap)).await;
 
     // Each served once, then held idle.
     let mut held = Vec::new();
@@ -274,8 +274,8 @@ async fn open_events(addr: SocketAddr, job: &str) -> (TcpStream, String) {
     (stream, text)
 }
 
-/// Reads a stream until its body ends, noting what it carried.
-async fn follow(mut stream: TcpStream, mut text: String) -> Seen {
+/// Reads a stream until its body ends (or `until`), noting what it carried.
+async fn follow(mut stream: TcpStream, mut text: String, until: Instant) -> Seen {
     let mut buf = [0u8; 8192];
     let mut seen = Seen {
         running_at: None,
@@ -292,7 +292,7 @@ async fn follow(mut stream: TcpStream, mut text: String) -> Seen {
             seen.ended_at = Some(Instant::now());
             break;
         }
-        match tokio::time::timeout(Duration::from_secs(60), stream.read(&mut buf)).await {
+        match tokio::time::timeout_at(until.into(), stream.read(&mut buf)).await {
             Ok(Ok(n)) if n > 0 => text.push_str(&String::from_utf8_lossy(&buf[..n])),
             _ => break,
         }
@@ -335,7 +335,6 @@ async fn event_streams_are_capped_and_leave_other_requests_fast() {
         .submit_job(json!({ "dataset_id": dataset, "epochs": 2 }))
         .await;
     let server = start(&app, limits(Duration::from_secs(10), 1024)).await;
-    sqlx::query("DROP TRIGGER jobs_notify_event ON jobs").execute(&app.pool).await.unwrap(); // MUTANT
     let baseline = jobs_latency(server.addr, 10).await;
 
     let mut streams = Vec::new();
@@ -356,9 +355,11 @@ async fn event_streams_are_capped_and_leave_other_requests_fast() {
     assert_eq!(problem["status"], 503);
     assert!(took < Duration::from_secs(2), "refusing took {took:?}");
 
+    // Far longer than the test needs, far shorter than the fallback poll.
+    let until = Instant::now() + Duration::from_secs(60);
     let mut followers = JoinSet::new();
     for (stream, text) in streams {
-        followers.spawn(follow(stream, text));
+        followers.spawn(follow(stream, text, until));
     }
     // The job starts and reports progress every 100 ms, as a worker would.
     let id = Uuid::parse_str(&job).unwrap();
