@@ -8,12 +8,9 @@ use std::process::Command;
 
 use axum::http::StatusCode;
 use finetuned::models::{self, import, verify};
-use image::ImageFormat;
 use serde_json::json;
 
-use crate::helpers::{
-    encode, fixtures_dir, render, small_batching, torch_python, torch_rng, TestApp,
-};
+use crate::helpers::{fixtures_dir, small_batching, torch_python, torch_rng, TestApp};
 
 /// Saves a randomly initialised torchvision model's state dict, its
 /// BatchNorm statistics taken from two batches of noise (so that they are
@@ -112,11 +109,7 @@ async fn train_and_serve(app: &TestApp, dataset_id: String, backbone: &str) {
             "image_size": 64, "batch_size": 6, "freeze": "last_n", "trainable_stages": 1
         }))
         .await;
-    app.worker.try_execute_one(None).await.expect("worker step");
-    let job = app.get(&format!("/jobs/{job_id}")).await.json;
-    assert_eq!(job["status"], "succeeded", "{job:?}");
-    let photo = encode(&render(2, 7, 80), ImageFormat::Png);
-    assert_eq!(app.predict_one(None, "stripes.png", photo).await.len(), 3);
+    app.assert_job_trains_and_serves(&job_id).await;
 }
 
 #[tokio::test]

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::helpers::weights_dir;
+use crate::helpers::{free_port, weights_dir};
 
 /// A short data directory (the cluster's socket path must be short); on drop
 /// its postmaster is stopped, whatever the test left, and it is removed.
@@ -91,11 +91,7 @@ struct Server {
 
 impl Server {
     fn start(data: &DataDir, log: &str) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let listen = format!("127.0.0.1:{port}");
         let child = finetuned(data, &["serve", "--workers", "0", "--listen", &listen], log)
             .stdout(std::process::Stdio::null())

@@ -108,6 +108,15 @@ pub fn ran_status(outcome: Outcome) -> String {
     }
 }
 
+/// A port nothing listens on now, for a server process the test starts.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Where setup put the pretrained weights.
 pub fn weights_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("FINETUNED_WEIGHTS_DIR") {
@@ -378,6 +387,20 @@ impl TestApp {
             .as_array()
             .expect("predictions")
             .clone()
+    }
+
+    /// Runs the queued job `job_id` on this app's worker, expects it to
+    /// succeed, and expects the model it deployed to label a photo with the
+    /// three shape classes.
+    pub async fn assert_job_trains_and_serves(&self, job_id: &str) {
+        self.worker
+            .try_execute_one(None)
+            .await
+            .expect("worker step");
+        let job = self.get(&format!("/jobs/{job_id}")).await.json;
+        assert_eq!(job["status"], "succeeded", "{job:?}");
+        let photo = encode(&render(2, 7, 80), ImageFormat::Png);
+        assert_eq!(self.predict_one(None, "stripes.png", photo).await.len(), 3);
     }
 
     /// Files under an artifacts subdirectory (recursively).

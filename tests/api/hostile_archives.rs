@@ -14,7 +14,7 @@ use image::ImageFormat;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::helpers::{encode, render, weights_dir, zip, TestApp, SHAPES};
+use crate::helpers::{encode, free_port, render, weights_dir, zip, TestApp, SHAPES};
 
 const MIB: u64 = 1024 * 1024;
 /// Most an answer to a hostile upload may hold.
@@ -240,11 +240,7 @@ impl Answer {
 
 impl Server {
     async fn start(app: &TestApp) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let listen = format!("127.0.0.1:{port}");
         let log = std::fs::File::create(app.data_dir().join("serve.log")).expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_finetuned"))

@@ -10,12 +10,9 @@ use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
 
-use image::ImageFormat;
 use serde_json::json;
 
-use crate::helpers::{
-    encode, render, script_check, small_batching, torch_python, torch_rng, Part, TestApp,
-};
+use crate::helpers::{script_check, small_batching, torch_python, torch_rng, Part, TestApp};
 
 /// Builds the module `kind` with the virtualenv's torch into `dir`.
 /// `target` is the file the file-writing modules try to create.
@@ -231,9 +228,5 @@ async fn traced_resnet18_and_scripted_efficientnet_b0_pass_the_check_and_train_a
             "batch_size": 6, "freeze": "last_n", "trainable_stages": 1
         }))
         .await;
-    app.worker.try_execute_one(None).await.expect("worker step");
-    let job = app.get(&format!("/jobs/{job_id}")).await.json;
-    assert_eq!(job["status"], "succeeded", "{job:?}");
-    let photo = encode(&render(2, 7, 80), ImageFormat::Png);
-    assert_eq!(app.predict_one(None, "stripes.png", photo).await.len(), 3);
+    app.assert_job_trains_and_serves(&job_id).await;
 }

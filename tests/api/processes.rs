@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::helpers::{ran_status, torch_rng, weights_dir, TestApp};
+use crate::helpers::{free_port, ran_status, torch_rng, weights_dir, TestApp};
 
 /// A child process of the test, killed if the test ends early.
 pub(crate) struct Finetuned(Child);
@@ -132,11 +132,7 @@ async fn sigterm_stops_serve_cleanly_and_hands_the_job_back() {
         }))
         .await;
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let mut server = Finetuned::start(
         &[
