@@ -2,6 +2,10 @@
 //! full queue is refused at once, so overload never piles up memory). Each
 //! thread gathers the requests that arrive within a short window, up to a
 //! maximum batch, and runs each model's share as one forward pass.
+//!
+//! A request carrying many images reaches the queue as several items of at
+//! most `max_batch` images each (see [`super::Predictor::predict`]), so the
+//! threads share its images as they share single-image requests.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -34,7 +38,8 @@ pub struct BatchingConfig {
     pub window: Duration,
     /// Most images in one forward pass.
     pub max_batch: usize,
-    /// Requests that may wait; more are refused.
+    /// Queue items (a request's groups of at most `max_batch` images) that
+    /// may wait; a request that does not fit is refused whole.
     pub queue: usize,
 }
 
@@ -47,13 +52,73 @@ pub(super) struct Request {
     pub reply: oneshot::Sender<Result<Vec<Vec<Prediction>>, ServeError>>,
 }
 
-/// A sender of requests to the inference threads.
+/// A sender of requests to one inference thread (its warm-up line).
 pub(super) type Line = channel::Sender<Request>;
+
+/// The queue the inference threads share.
+///
+/// Admission counts items, not requests: a request of N images is N / `max_batch`
+/// items (rounded up), each counted against `--predict-queue`, and it is
+/// admitted whole or refused whole (never half queued, so a 503 wastes no
+/// forward pass). A request larger than the whole queue is admitted when
+/// nothing waits, so it is never refused forever.
+#[derive(Clone)]
+pub(super) struct Queue {
+    line: channel::Sender<Request>,
+    /// Items sent and not yet taken by a thread.
+    waiting: Arc<AtomicUsize>,
+    capacity: usize,
+}
+
+impl Queue {
+    /// Queues a request's items together, or refuses them all at once when
+    /// they do not fit.
+    pub(super) fn send_all(&self, items: Vec<Request>) -> Result<(), ServeError> {
+        let n = items.len();
+        self.waiting
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |waiting| {
+                (waiting == 0 || waiting + n <= self.capacity).then_some(waiting + n)
+            })
+            .map_err(|_| ServeError::Overloaded)?;
+        for (sent, item) in items.into_iter().enumerate() {
+            if self.line.send(item).is_err() {
+                self.waiting.fetch_sub(n - sent, Ordering::SeqCst);
+                return Err(ServeError::Stopped);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The threads' end of the shared queue.
+#[derive(Clone)]
+struct Inbox {
+    line: channel::Receiver<Request>,
+    waiting: Arc<AtomicUsize>,
+}
+
+impl Inbox {
+    fn taken(&self, item: Request) -> Request {
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        item
+    }
+}
 
 /// Starts the inference threads: returns the shared queue and each thread's
 /// private warm-up line.
-pub(super) fn spawn(config: BatchingConfig) -> std::io::Result<(Line, Vec<Line>)> {
-    let (queue, inbox) = channel::bounded::<Request>(config.queue.max(1));
+pub(super) fn spawn(config: BatchingConfig) -> std::io::Result<(Queue, Vec<Line>)> {
+    // Unbounded underneath: `Queue::send_all` enforces the bound.
+    let (line, receiver) = channel::unbounded::<Request>();
+    let waiting = Arc::new(AtomicUsize::new(0));
+    let queue = Queue {
+        line,
+        waiting: waiting.clone(),
+        capacity: config.queue.max(1),
+    };
+    let inbox = Inbox {
+        line: receiver,
+        waiting,
+    };
     let busy = Arc::new(AtomicUsize::new(0));
     let mut warm_ups = Vec::new();
     for i in 0..config.threads.max(1) {
@@ -108,29 +173,26 @@ const INFERENCE_NICE: libc::c_int = 5;
 /// The next batch for this thread: a warm-up of its own, or requests from
 /// the shared queue. `None` when every handle is gone.
 fn next_batch(
-    inbox: &channel::Receiver<Request>,
+    inbox: &Inbox,
     own: &channel::Receiver<Request>,
     config: &BatchingConfig,
 ) -> Option<Vec<Request>> {
     channel::select! {
         recv(own) -> warm_up => warm_up.ok().map(|r| vec![r]),
-        recv(inbox) -> first => gather(first.ok()?, inbox, config),
+        recv(inbox.line) -> first => gather(inbox.taken(first.ok()?), inbox, config),
     }
 }
 
 /// Gathers what arrives within the window after `first`, up to the maximum
 /// batch.
-fn gather(
-    first: Request,
-    inbox: &channel::Receiver<Request>,
-    config: &BatchingConfig,
-) -> Option<Vec<Request>> {
+fn gather(first: Request, inbox: &Inbox, config: &BatchingConfig) -> Option<Vec<Request>> {
     let deadline = Instant::now() + config.window;
     let mut images = first.images.len();
     let mut batch = vec![first];
     while images < config.max_batch {
-        match inbox.recv_deadline(deadline) {
+        match inbox.line.recv_deadline(deadline) {
             Ok(request) => {
+                let request = inbox.taken(request);
                 images += request.images.len();
                 batch.push(request);
             }
@@ -143,7 +205,9 @@ fn gather(
 /// Runs a gathered batch: one forward pass per model, then each request
 /// gets its own rows.
 fn run(cache: &mut ModelCache, batch: Vec<Request>) {
-    let mut pending = batch;
+    // A caller that gave up (its request timed out or failed elsewhere)
+    // needs no forward pass.
+    let mut pending: Vec<Request> = batch.into_iter().filter(|r| !r.reply.is_closed()).collect();
     while !pending.is_empty() {
         let model_id = pending[0].model.id;
         let (group, rest): (Vec<Request>, Vec<Request>) =

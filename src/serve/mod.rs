@@ -22,13 +22,14 @@ mod loading;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use futures_util::future::join_all;
 use serde::Serialize;
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use crate::data::preprocess::{self, Normalization};
 use crate::models::script::ScriptSpec;
-use batching::{Line, Request};
+use batching::{Line, Queue, Request};
 
 pub use batching::BatchingConfig;
 pub use export::export_torchscript;
@@ -72,7 +73,9 @@ pub enum ServeError {
 /// model cache and libtorch thread count, and a private line for warm-ups.
 #[derive(Clone)]
 pub struct Predictor {
-    queue: Line,
+    queue: Queue,
+    /// Most images in one queue item: the maximum batch.
+    chunk: usize,
     /// One line per thread, so a warm-up reaches every thread's cache.
     warm_ups: Arc<Vec<Line>>,
 }
@@ -80,31 +83,48 @@ pub struct Predictor {
 impl Predictor {
     /// Starts the inference threads.
     pub fn start(config: BatchingConfig) -> std::io::Result<Self> {
+        let chunk = config.max_batch.max(1);
         let (queue, warm_ups) = batching::spawn(config)?;
         Ok(Self {
             queue,
+            chunk,
             warm_ups: Arc::new(warm_ups),
         })
     }
 
-    /// Top-`top_k` labels with softmax scores for each image, best first.
+    /// Top-`top_k` labels with softmax scores for each image, best first,
+    /// in the order of `images`.
+    ///
+    /// The images are queued in groups of at most the maximum batch (one
+    /// image each on the CPU), so every free inference thread takes a share
+    /// of a many-image request, as it would of as many single-image
+    /// requests; on a GPU a thread still gathers groups into full batches.
+    /// The groups are admitted together or refused together.
     pub async fn predict(
         &self,
         model: ModelSpec,
         images: Vec<Vec<u8>>,
         top_k: usize,
     ) -> Result<Vec<Vec<Prediction>>, ServeError> {
-        let (reply, answer) = oneshot::channel();
-        batching::send(
-            &self.queue,
-            Request {
-                model,
-                images,
+        let mut items = Vec::new();
+        let mut answers = Vec::new();
+        let mut images = images.into_iter().peekable();
+        while images.peek().is_some() {
+            let (reply, answer) = oneshot::channel();
+            items.push(Request {
+                model: model.clone(),
+                images: images.by_ref().take(self.chunk).collect(),
                 top_k,
                 reply,
-            },
-        )?;
-        answer.await.map_err(|_| ServeError::Stopped)?
+            });
+            answers.push(answer);
+        }
+        self.queue.send_all(items)?;
+        let mut predictions = Vec::new();
+        for answer in join_all(answers).await {
+            predictions.extend(answer.map_err(|_| ServeError::Stopped)??);
+        }
+        Ok(predictions)
     }
 
     /// Loads a model on every inference thread now (with a warm-up forward

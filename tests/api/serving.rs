@@ -416,3 +416,61 @@ async fn a_full_queue_answers_503_with_retry_after() {
         "the queue never filled"
     );
 }
+
+#[tokio::test]
+async fn a_many_image_request_is_shared_by_the_threads_and_keeps_its_order() {
+    // Two inference threads, one image per forward pass (the CPU default):
+    // the request's images are queued one by one and both threads take some.
+    let app = TestApp::spawn_with(BatchingConfig {
+        device: tch::Device::Cpu,
+        cache_capacity: 1,
+        threads: 2,
+        torch_threads: 2,
+        cache_bytes: usize::MAX,
+        window: Duration::ZERO,
+        max_batch: 1,
+        queue: 64,
+    })
+    .await;
+    let (model, _) = trained_model(&app, 0).await;
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+    let images: Vec<String> = (0..12).map(|i| b64(&png(i % 3, 100 + i as u64))).collect();
+    // An undecodable image in the middle keeps its place and its own error.
+    let mut sent = images.clone();
+    sent.insert(5, "%%%".into());
+    let path = format!("/predict?model={model}&top_k=3");
+    let many = app.post_json(&path, &json!({ "images": sent })).await;
+    assert_eq!(many.status, StatusCode::OK, "{:?}", many.json);
+    let results = many.json["results"].as_array().unwrap();
+    assert_eq!(results.len(), 13);
+    assert!(results[5]["error"].as_str().unwrap().contains("base64"));
+    let mut results: Vec<&Value> = results.iter().collect();
+    results.remove(5);
+    for (image, result) in images.iter().zip(results) {
+        let one = app.post_json(&path, &json!({ "image": image })).await;
+        assert_eq!(one.status, StatusCode::OK, "{:?}", one.json);
+        assert_same_predictions(
+            &result["predictions"],
+            &one.json["results"][0]["predictions"],
+        );
+    }
+
+    // Admission counts every image against the queue, but a request larger
+    // than the whole queue (12 images, queue of 4) still runs when nothing
+    // else waits.
+    let small = TestApp::spawn_with(BatchingConfig {
+        max_batch: 1,
+        queue: 4,
+        ..crate::helpers::small_batching()
+    })
+    .await;
+    let (model, _) = trained_model(&small, 0).await;
+    let reply = small
+        .post_json(
+            &format!("/predict?model={model}"),
+            &json!({ "images": images }),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.json);
+    assert_eq!(reply.json["results"].as_array().unwrap().len(), 12);
+}
