@@ -8,7 +8,7 @@ use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 
 use super::{text, AppState};
-use crate::error::{ApiError, FieldError};
+use crate::api::error::{ApiError, FieldError};
 
 /// Streams chunks into a new file at `path`, refusing more than `limit`
 /// bytes. Returns the bytes written.
@@ -55,6 +55,7 @@ pub async fn read_multipart(
         .await
         .map_err(ApiError::from)?;
     let mut file = None;
+    let mut text_fields = 0;
     while let Some(mut field) = multipart.next_field().await? {
         let name = field.name().unwrap_or_default().to_string();
         if name == "file" {
@@ -66,6 +67,16 @@ pub async fn read_multipart(
             let bytes = write_upload(path, chunks, limit).await?;
             file = Some(UploadedFile { filename, bytes });
         } else {
+            text_fields += 1;
+            if text_fields > MAX_TEXT_FIELDS {
+                return Err(ApiError::invalid(
+                    "the form is invalid",
+                    vec![FieldError::new(
+                        "form",
+                        format!("more than {MAX_TEXT_FIELDS} text fields; a form needs a handful"),
+                    )],
+                ));
+            }
             let value = read_text_field(&mut field, &name).await?;
             on_field(&name, &value);
         }
@@ -76,6 +87,9 @@ pub async fn read_multipart(
 /// Longest text form field (a name, a list of numbers); uploads are large
 /// but their other fields are not.
 const MAX_FIELD_BYTES: usize = 4096;
+/// Text fields a form may carry: each may add an error or a setting, and
+/// a large upload's body could otherwise hold millions of tiny ones.
+const MAX_TEXT_FIELDS: usize = 64;
 /// Longest file name kept (it is stored with the upload).
 const MAX_FILE_NAME_BYTES: usize = 255;
 

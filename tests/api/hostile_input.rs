@@ -73,6 +73,21 @@ async fn a_nul_in_a_path_query_json_string_or_form_field_is_a_4xx_naming_it() {
             &[Part::file("file", "sha\u{0}pes.zip", shapes_zip(2, 32))],
         )
         .await;
+    // Many tiny fields: refused once past a form's worth, before the file.
+    let mut many: Vec<Part> = (0..5000)
+        .map(|i| Part::text(&format!("f{i}"), "x"))
+        .collect();
+    many.push(Part::file("file", "shapes.zip", shapes_zip(2, 32)));
+    let flooded = app.post_multipart("/datasets", &many).await;
+    let errors = flooded.assert_problem(StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(errors[0]["path"], "form");
+    assert!(
+        flooded.body.len() < 16 * 1024,
+        "{} bytes",
+        flooded.body.len()
+    );
+    app.assert_no_dataset_stored().await;
+
     // Refused where the form is read: a NUL is no valid header character.
     named.assert_problem(StatusCode::BAD_REQUEST);
     app.assert_no_dataset_stored().await;
