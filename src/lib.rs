@@ -5,7 +5,6 @@
 //! - [`config`]: every setting, from flags and environment variables.
 //! - [`auth`]: API keys: bearer tokens with a scope, made and checked.
 //! - [`validation`]: [`validation::FieldError`], what any layer reports of a bad input.
-//! - [`error`]: the HTTP error type, rendered as RFC 9457 problem+json.
 //! - [`api`]: the axum router, one module per resource, and its middleware;
 //!   never holds a tensor. The only module that knows HTTP.
 //! - [`store`]: Postgres through sqlx (one module per table group), the job
@@ -35,7 +34,6 @@ pub mod config;
 pub mod data;
 pub mod device;
 pub mod durable;
-pub mod error;
 pub mod models;
 pub mod native;
 pub mod sandbox;

@@ -6,8 +6,8 @@ use axum::http::{header, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
+use crate::api::error::ApiError;
 use crate::auth::{Auth, Scope};
-use crate::error::ApiError;
 
 /// The scope a request needs, or `None` for the open operational routes.
 pub fn required_scope(method: &Method, path: &str) -> Option<Scope> {

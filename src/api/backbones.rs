@@ -10,8 +10,8 @@ use serde::Serialize;
 
 use super::upload::{read_multipart, RemoveOnDrop};
 use super::{AppState, Created};
+use crate::api::error::{ApiError, FieldError};
 use crate::data::preprocess::Normalization;
-use crate::error::{ApiError, FieldError};
 use crate::models::script::{self, Output};
 use crate::models::{self, BackboneSpec};
 use crate::store::backbones::{self as store, NewScriptBackbone, ScriptBackboneRow};

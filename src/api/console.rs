@@ -16,7 +16,7 @@ use axum::Router;
 use sha2::{Digest, Sha256};
 
 use super::AppState;
-use crate::error::ApiError;
+use crate::api::error::ApiError;
 
 /// Only this origin's scripts, styles and API; images also from `data:`
 /// (dataset thumbnails) and `blob:` (the photos dropped on the predict page).

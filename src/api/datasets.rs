@@ -18,9 +18,9 @@ use uuid::Uuid;
 use super::extract::ApiQuery;
 use super::upload::{read_multipart, remove_path, write_upload, RemoveOnDrop};
 use super::{parse_id, AppState, Created};
+use crate::api::error::{ApiError, FieldError};
 use crate::artifacts::Artifacts;
 use crate::data::{preprocess, IngestOptions};
-use crate::error::{ApiError, FieldError};
 use crate::store::datasets::{self as store, DatasetRow};
 pub use samples::samples;
 

@@ -26,7 +26,7 @@ use uuid::Uuid;
 
 use super::jobs::find;
 use super::AppState;
-use crate::error::ApiError;
+use crate::api::error::ApiError;
 use crate::store::job_changes::JobChanges;
 use crate::store::jobs::{self, JobRow};
 use crate::store::metrics::{self, EpochMetrics};

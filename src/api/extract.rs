@@ -4,7 +4,7 @@ use axum::extract::{FromRequest, FromRequestParts, Request};
 use serde::de::DeserializeOwned;
 
 use super::text;
-use crate::error::{ApiError, FieldError};
+use crate::api::error::{ApiError, FieldError};
 
 /// A JSON body, refused (naming the field) when a string holds text
 /// Postgres cannot store.

@@ -7,7 +7,7 @@ use axum::Json;
 use serde_json::{json, Value};
 
 use super::AppState;
-use crate::error::ApiError;
+use crate::api::error::ApiError;
 use crate::models;
 use crate::{store, telemetry};
 

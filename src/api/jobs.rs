@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use super::extract::ApiJson;
 use super::{parse_id, AppState};
-use crate::error::{ApiError, FieldError};
+use crate::api::error::{ApiError, FieldError};
 use crate::store::jobs::{self as store, JobRow, NewJob, RunRow};
 use crate::store::metrics::{self, EpochMetrics};
 use crate::store::{datasets, DatasetStatus, JobStatus};

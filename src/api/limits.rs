@@ -10,7 +10,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use tokio::sync::Semaphore;
 
-use crate::error::ApiError;
+use crate::api::error::ApiError;
 
 /// Limits of the HTTP layer, from the configuration.
 #[derive(Clone, Debug)]

@@ -4,6 +4,7 @@ mod auth;
 mod backbones;
 mod console;
 mod datasets;
+pub mod error;
 mod events;
 mod extract;
 mod health;
@@ -36,9 +37,9 @@ pub use events::EventStreams;
 pub use limits::HttpLimits;
 pub(crate) use predict::model_spec;
 
+use crate::api::error::ApiError;
 use crate::artifacts::Artifacts;
 use crate::auth::Auth;
-use crate::error::ApiError;
 use crate::serve::Predictor;
 use crate::store::Pool;
 

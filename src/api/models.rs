@@ -15,7 +15,7 @@ use uuid::Uuid;
 use super::extract::ApiQuery;
 use super::predict::model_spec;
 use super::{parse_id, AppState};
-use crate::error::{ApiError, FieldError};
+use crate::api::error::{ApiError, FieldError};
 use crate::serve;
 use crate::store::models::{self as store, ModelRow, DEFAULT_ALIAS};
 use crate::store::{datasets, jobs};

@@ -14,7 +14,7 @@ use axum::http::{header, HeaderMap, HeaderName, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use crate::error::ApiError;
+use crate::api::error::ApiError;
 
 /// Middleware: 403 for a request that changes something, sent by a page of
 /// another origin.

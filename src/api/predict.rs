@@ -15,9 +15,9 @@ use uuid::Uuid;
 
 use super::extract::ApiQuery;
 use super::AppState;
+use crate::api::error::{ApiError, FieldError};
 use crate::artifacts::Artifacts;
 use crate::data::preprocess;
-use crate::error::{ApiError, FieldError};
 use crate::serve::{ModelSpec, Prediction, ServeError};
 use crate::store::models::{self, ModelRow, DEFAULT_ALIAS};
 use crate::telemetry;

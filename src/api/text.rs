@@ -8,7 +8,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 
-use crate::error::{ApiError, FieldError};
+use crate::api::error::{ApiError, FieldError};
 
 const WHY: &str = "contains a NUL character, which no name, id or value may hold";
 

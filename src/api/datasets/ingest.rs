@@ -7,11 +7,11 @@
 use serde_json::json;
 use uuid::Uuid;
 
+use crate::api::error::ApiError;
 use crate::api::upload::RemoveOnDrop;
 use crate::api::AppState;
 use crate::artifacts::Artifacts;
 use crate::data::{self, IngestOptions, Progress};
-use crate::error::ApiError;
 use crate::store::datasets::{self as store, DatasetRow, Ingested};
 use crate::store::Pool;
 

@@ -9,10 +9,10 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::api::error::{ApiError, FieldError};
 use crate::api::extract::ApiQuery;
 use crate::api::{parse_id, AppState};
 use crate::data::stored;
-use crate::error::{ApiError, FieldError};
 use crate::store::datasets as store;
 use crate::store::DatasetStatus;
 
