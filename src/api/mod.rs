@@ -201,5 +201,10 @@ type Created<T> = (
 );
 
 fn parse_id(raw: &str, what: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(raw).map_err(|_| ApiError::NotFound(format!("no {what} with id {raw:?}")))
+    Uuid::parse_str(raw).map_err(|_| {
+        // Echo a little of it, not a path of kilobytes.
+        let shown: String = raw.chars().take(64).collect();
+        let cut = if shown.len() < raw.len() { "…" } else { "" };
+        ApiError::NotFound(format!("no {what} with id {shown:?}{cut}"))
+    })
 }

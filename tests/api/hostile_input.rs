@@ -25,6 +25,10 @@ async fn a_nul_in_a_path_query_json_string_or_form_field_is_a_4xx_naming_it() {
             "{path}"
         );
     }
+    // An id that is no id is not echoed back whole.
+    let long = app.get(&format!("/jobs/{}/events", "x".repeat(5000))).await;
+    long.assert_problem(StatusCode::NOT_FOUND);
+    assert!(long.body.len() < 1024, "{} bytes", long.body.len());
     let delete = app
         .send(
             Request::delete("/backbones/%00")
