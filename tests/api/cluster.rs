@@ -323,6 +323,14 @@ fn a_killed_postmaster_is_started_again() {
     assert_ne!(restarted, killed);
     // Requests recover without the server being restarted.
     assert_eq!(get(server.port, "/jobs", None).map(|r| r.0), Some(200));
+    // The supervisor logs once `pg_ctl start` returns, which may be a
+    // moment after the new postmaster already answers.
+    let logged = Instant::now();
+    while !data.log("serve.log").contains("running again")
+        && logged.elapsed() < Duration::from_secs(15)
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let log = data.log("serve.log");
     assert!(log.contains("running again"), "{log}");
 
