@@ -11,11 +11,12 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use object_store::buffered::BufWriter;
 use object_store::path::Path as ObjectPath;
-use object_store::ObjectStore;
+use object_store::{BackoffConfig, ObjectStore, RetryConfig};
 use tokio::io::AsyncWriteExt;
 use uuid::Uuid;
 
@@ -23,6 +24,12 @@ use uuid::Uuid;
 pub struct Artifacts {
     root: PathBuf,
     remote: Option<Arc<dyn ObjectStore>>,
+    /// The same store, asked with little patience: for requests a client is
+    /// waiting on (serving), which answer 503 rather than wait out an outage.
+    impatient: Option<Arc<dyn ObjectStore>>,
+    /// How long an unreachable store is retried before a transfer fails
+    /// for good (zero: not at all, beyond the client's own quick retries).
+    patience: Duration,
     /// Free bytes the disk under `root` must keep (uploads, jobs and
     /// checkpoints stop short of it; the embedded Postgres may share it).
     min_free_bytes: u64,
@@ -73,6 +80,54 @@ pub enum ArtifactError {
     Url(String),
 }
 
+impl ArtifactError {
+    /// Whether the store could not be reached or answered with a failure of
+    /// its own (worth retrying later), rather than refusing the request.
+    pub fn is_unavailable(&self) -> bool {
+        use object_store::Error as E;
+        match self {
+            Self::Store(
+                E::NotFound { .. }
+                | E::InvalidPath { .. }
+                | E::NotSupported { .. }
+                | E::AlreadyExists { .. }
+                | E::Precondition { .. }
+                | E::NotModified { .. }
+                | E::PermissionDenied { .. }
+                | E::Unauthenticated { .. }
+                | E::UnknownConfigurationKey { .. }
+                | E::NotImplemented,
+            ) => false,
+            Self::Store(_) => true,
+            Self::Io(_) | Self::Url(_) => false,
+        }
+    }
+}
+
+/// How long a worker or an upload waits out an unreachable store, retrying
+/// with backoff, before the transfer fails for good.
+pub const STORE_PATIENCE: Duration = Duration::from_secs(300);
+
+/// The object store client's own retries for a transfer nobody waits on:
+/// its defaults (transport errors and 5xx, backoff up to 15 s, 3 minutes).
+fn patient_retries() -> RetryConfig {
+    RetryConfig::default()
+}
+
+/// For a request a client waits on: a couple of quick tries, then the
+/// caller answers 503 with `Retry-After`.
+fn impatient_retries() -> RetryConfig {
+    RetryConfig {
+        backoff: BackoffConfig {
+            init_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_millis(500),
+            base: 2.0,
+        },
+        max_retries: 2,
+        retry_timeout: Duration::from_secs(3),
+    }
+}
+
 impl Artifacts {
     /// A local directory only.
     pub fn open(root: impl Into<PathBuf>) -> std::io::Result<Self> {
@@ -83,6 +138,8 @@ impl Artifacts {
         Ok(Self {
             root,
             remote: None,
+            impatient: None,
+            patience: STORE_PATIENCE,
             min_free_bytes: 0,
         })
     }
@@ -108,23 +165,80 @@ impl Artifacts {
 
     /// A local cache directory in front of the object store at `url`.
     /// S3 settings come from the usual `AWS_*` environment variables
-    /// (`AWS_ENDPOINT` for MinIO and other S3-compatible stores).
+    /// (`AWS_ENDPOINT` for MinIO, SeaweedFS and other S3-compatible stores).
     pub fn open_with_remote(root: impl Into<PathBuf>, url: &str) -> Result<Self, ArtifactError> {
-        let remote: Arc<dyn ObjectStore> = if let Some(dir) = url.strip_prefix("file://") {
-            std::fs::create_dir_all(dir)?;
-            Arc::new(object_store::local::LocalFileSystem::new_with_prefix(dir)?)
-        } else if url.starts_with("s3://") {
-            Arc::new(
-                object_store::aws::AmazonS3Builder::from_env()
-                    .with_url(url)
-                    .build()?,
-            )
-        } else {
-            return Err(ArtifactError::Url(url.to_string()));
-        };
+        let (remote, impatient): (Arc<dyn ObjectStore>, Arc<dyn ObjectStore>) =
+            if let Some(dir) = url.strip_prefix("file://") {
+                std::fs::create_dir_all(dir)?;
+                let local = Arc::new(object_store::local::LocalFileSystem::new_with_prefix(dir)?);
+                (local.clone(), local)
+            } else if url.starts_with("s3://") {
+                let s3 = |retries: RetryConfig| {
+                    object_store::aws::AmazonS3Builder::from_env()
+                        .with_url(url)
+                        .with_retry(retries)
+                        .build()
+                };
+                (
+                    Arc::new(s3(patient_retries())?),
+                    Arc::new(s3(impatient_retries())?),
+                )
+            } else {
+                return Err(ArtifactError::Url(url.to_string()));
+            };
         let mut artifacts = Self::open(root)?;
         artifacts.remote = Some(remote);
+        artifacts.impatient = Some(impatient);
         Ok(artifacts)
+    }
+
+    /// A local cache directory in front of a store built by the caller.
+    pub fn open_with_store(
+        root: impl Into<PathBuf>,
+        remote: Arc<dyn ObjectStore>,
+    ) -> std::io::Result<Self> {
+        let mut artifacts = Self::open(root)?;
+        artifacts.impatient = Some(remote.clone());
+        artifacts.remote = Some(remote);
+        Ok(artifacts)
+    }
+
+    /// The same artifacts for a request a client is waiting on: an
+    /// unreachable store fails fast ([`ArtifactError::is_unavailable`])
+    /// instead of being waited out.
+    pub fn impatient(&self) -> Self {
+        Self {
+            remote: self.impatient.clone(),
+            patience: Duration::ZERO,
+            ..self.clone()
+        }
+    }
+
+    /// The same artifacts, waiting out an unreachable store for `patience`.
+    pub fn with_patience(mut self, patience: Duration) -> Self {
+        self.patience = patience;
+        self
+    }
+
+    /// Runs one transfer, again with backoff while the store is unavailable
+    /// (a restart, a network cut), until the patience is spent.
+    async fn patiently<T, F, Fut>(&self, what: &str, mut transfer: F) -> Result<T, ArtifactError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, ArtifactError>>,
+    {
+        let started = Instant::now();
+        let mut wait = Duration::from_secs(1);
+        loop {
+            match transfer().await {
+                Err(err) if err.is_unavailable() && started.elapsed() + wait < self.patience => {
+                    tracing::warn!(error = %err, %what, retry_in = ?wait, "the artifact store is unavailable; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(16));
+                }
+                other => return other,
+            }
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -186,16 +300,14 @@ impl Artifacts {
         Ok(removed)
     }
 
-    /// Uploads one local file under its key (streamed, multipart when large).
+    /// Uploads one local file under its key (streamed, multipart when large),
+    /// waiting out an unavailable store.
     pub async fn publish(&self, key: &str) -> Result<(), ArtifactError> {
         let Some(remote) = &self.remote else {
             return Ok(());
         };
-        let mut file = tokio::fs::File::open(self.path(key)).await?;
-        let mut writer = BufWriter::new(remote.clone(), ObjectPath::from(key));
-        tokio::io::copy(&mut file, &mut writer).await?;
-        writer.shutdown().await?;
-        Ok(())
+        self.patiently(key, || upload(remote.clone(), self.path(key), key))
+            .await
     }
 
     /// Like [`Self::publish`], for a file that a newer one may already have
@@ -228,13 +340,16 @@ impl Artifacts {
 
     /// Removes a key from the store (the local copy is the caller's).
     pub async fn unpublish(&self, key: &str) -> Result<(), ArtifactError> {
-        match &self.remote {
-            Some(remote) => match remote.delete(&ObjectPath::from(key)).await {
+        let Some(remote) = &self.remote else {
+            return Ok(());
+        };
+        self.patiently(key, || async {
+            match remote.delete(&ObjectPath::from(key)).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
                 Err(err) => Err(err.into()),
-            },
-            None => Ok(()),
-        }
+            }
+        })
+        .await
     }
 
     /// Removes every object under a key directory from the store.
@@ -260,19 +375,9 @@ impl Artifacts {
         let Some(remote) = &self.remote else {
             return Ok(local);
         };
-        let prefix = ObjectPath::from(key);
-        let mut listing = remote.list(Some(&prefix));
-        let mut objects = Vec::new();
-        while let Some(meta) = listing.next().await {
-            objects.push(meta?);
-        }
-        if objects.is_empty() {
-            // `list` covers what lies under a directory key; a file key is
-            // fetched by name.
-            if let Ok(meta) = remote.head(&prefix).await {
-                objects.push(meta);
-            }
-        }
+        let objects = self
+            .patiently(key, || objects_under(remote.as_ref(), key))
+            .await?;
         for meta in objects {
             let path = self.path(meta.location.as_ref());
             // Same size is not enough: a checkpoint rewritten elsewhere keeps
@@ -301,8 +406,20 @@ impl Artifacts {
     }
 
     /// Streams one object to a temporary file and renames it into place, so
-    /// a reader never sees half a file.
+    /// a reader never sees half a file; waits out an unavailable store.
     async fn download(
+        &self,
+        remote: &dyn ObjectStore,
+        location: &ObjectPath,
+        path: &Path,
+    ) -> Result<(), ArtifactError> {
+        self.patiently(location.as_ref(), || {
+            self.download_once(remote, location, path)
+        })
+        .await
+    }
+
+    async fn download_once(
         &self,
         remote: &dyn ObjectStore,
         location: &ObjectPath,
@@ -327,6 +444,55 @@ impl Artifacts {
             let _ = tokio::fs::remove_file(&partial).await;
         }
         result
+    }
+}
+
+/// The objects under a directory key, or the one object a file key names.
+async fn objects_under(
+    remote: &dyn ObjectStore,
+    key: &str,
+) -> Result<Vec<object_store::ObjectMeta>, ArtifactError> {
+    let prefix = ObjectPath::from(key);
+    let mut listing = remote.list(Some(&prefix));
+    let mut objects = Vec::new();
+    while let Some(meta) = listing.next().await {
+        objects.push(meta?);
+    }
+    if objects.is_empty() {
+        // `list` covers what lies under a directory key; a file key is
+        // fetched by name.
+        match remote.head(&prefix).await {
+            Ok(meta) => objects.push(meta),
+            Err(object_store::Error::NotFound { .. }) => {}
+            Err(err) => return Err(err.into()),
+        }
+    }
+    Ok(objects)
+}
+
+/// Streams a local file to `key`: one PUT when small, a multipart upload in
+/// parts otherwise (object_store's `BufWriter`), never the whole file in memory.
+async fn upload(
+    remote: Arc<dyn ObjectStore>,
+    path: PathBuf,
+    key: &str,
+) -> Result<(), ArtifactError> {
+    let mut file = tokio::fs::File::open(path).await?;
+    let mut writer = BufWriter::new(remote, ObjectPath::from(key));
+    if let Err(err) = tokio::io::copy(&mut file, &mut writer).await {
+        let _ = writer.abort().await;
+        return Err(store_error(err));
+    }
+    writer.shutdown().await.map_err(store_error)?;
+    Ok(())
+}
+
+/// `BufWriter` reports the store's errors as I/O errors: unwrap them, so an
+/// unreachable store is told apart from a local file that failed.
+fn store_error(err: std::io::Error) -> ArtifactError {
+    match err.downcast::<object_store::Error>() {
+        Ok(store) => ArtifactError::Store(store),
+        Err(io) => ArtifactError::Io(io),
     }
 }
 

@@ -56,6 +56,10 @@ pub enum ApiError {
     /// 503 with `Retry-After`: too busy right now; try again shortly.
     #[error("{0}")]
     Overloaded(String),
+    /// 503 with `Retry-After`: a store the request needs is unreachable for
+    /// now (the artifact store restarting, a network cut).
+    #[error("{0}")]
+    StoreUnavailable(String),
     /// 500: logged in full, shown to clients only as a generic message.
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
@@ -82,7 +86,9 @@ impl ApiError {
             Self::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
-            Self::Unavailable(_) | Self::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable(_) | Self::Overloaded(_) | Self::StoreUnavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -173,6 +179,9 @@ impl IntoResponse for ApiError {
             Self::Overloaded(_) => {
                 headers.insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
             }
+            Self::StoreUnavailable(_) => {
+                headers.insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
+            }
             Self::Unauthorized(_) => {
                 headers.insert(
                     header::WWW_AUTHENTICATE,
@@ -210,9 +219,17 @@ impl From<crate::store::Error> for ApiError {
     }
 }
 
-/// Internal: the shared artifact store or the local disk failed.
+/// 503 while the shared artifact store is unreachable (logged, not shown:
+/// its address is the operator's business); internal when it or the local
+/// disk failed otherwise.
 impl From<crate::artifacts::ArtifactError> for ApiError {
     fn from(err: crate::artifacts::ArtifactError) -> Self {
+        if err.is_unavailable() {
+            tracing::warn!(error = %err, "the artifact store is unavailable");
+            return Self::StoreUnavailable(
+                "the artifact store is unreachable right now; retry shortly".into(),
+            );
+        }
         Self::Internal(err.into())
     }
 }

@@ -272,11 +272,13 @@ async fn read_images(request: Request, state: &AppState) -> Result<Vec<Upload>, 
 }
 
 /// What the inference thread needs to load a model.
+/// A client is waiting: an unreachable store is a 503 at once, not waited out.
 pub(crate) async fn model_spec(state: &AppState, model: &ModelRow) -> Result<ModelSpec, ApiError> {
-    state.artifacts.fetch_final(&model.artifact_key).await?;
+    let artifacts = state.artifacts.impatient();
+    artifacts.fetch_final(&model.artifact_key).await?;
     let mut spec = serving_spec(model, &state.artifacts)?;
     if let Some(backbone) = crate::train::backbone::uploaded(&state.pool, &model.backbone).await? {
-        state.artifacts.fetch(&backbone.artifact_key).await?;
+        artifacts.fetch(&backbone.artifact_key).await?;
         spec.script = Some(crate::train::backbone::script_spec(
             &backbone,
             &state.artifacts,

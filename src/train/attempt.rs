@@ -90,34 +90,45 @@ impl Worker {
         let mut shutdown = shutdown.cloned();
         // A write that failed for good: the job's outcome once the thread stops.
         let mut failure: Option<RunError> = None;
+        // The event being recorded, and whom to tell when it is: the lease is
+        // renewed meanwhile, as an upload may wait out a store outage.
+        let mut recording: Option<Recording<'_>> = None;
+        let mut handled: Option<oneshot::Sender<()>> = None;
         loop {
             let lost = stopper.reason == Some(StopReason::LeaseLost);
             tokio::select! {
-                message = rx.recv() => match message {
-                    Some(Message::Event(event, handled)) => {
+                message = rx.recv(), if recording.is_none() => match message {
+                    Some(Message::Event(event, reply)) => {
                         if !lost && failure.is_none() {
-                            match self.record(lease, run_id, event).await {
-                                Ok(()) => {}
-                                Err(RunError::Stopped(reason)) => stopper.request(reason),
-                                Err(err) => {
-                                    tracing::warn!("a write failed for good: stopping training at the next batch");
-                                    stopper.flag.store(true, Ordering::Relaxed);
-                                    failure = Some(err);
-                                }
-                            }
+                            recording = Some(Box::pin(self.record(lease, run_id, event)));
                         }
-                        // Only now (the stop flag raised if need be) does the
-                        // thread go on to write its next file.
-                        drop(handled);
+                        // Told once the event is recorded (at once if it is
+                        // not): only then does the thread write its next file.
+                        handled = reply;
                     }
                     Some(Message::Done(result)) => {
                         return self.ended(lease, &job_dir, card, result, failure, stopper.reason).await;
                     }
                     None => return Err(RunError::Stopped(stopper.reason.unwrap_or(StopReason::Shutdown))),
                 },
+                written = async { recording.as_mut().expect("guarded").await }, if recording.is_some() => {
+                    recording = None;
+                    match written {
+                        Ok(()) => {}
+                        Err(RunError::Stopped(reason)) => stopper.request(reason),
+                        Err(err) => {
+                            tracing::warn!("a write failed for good: stopping training at the next batch");
+                            stopper.flag.store(true, Ordering::Relaxed);
+                            failure = Some(err);
+                        }
+                    }
+                },
                 _ = heartbeat.due(), if !lost => {
                     if !self.renew(&mut heartbeat, lease).await {
                         stopper.request(StopReason::LeaseLost);
+                        // An upload still under way could land after the next
+                        // attempt's files: it is abandoned with the lease.
+                        recording = None;
                     }
                 }
                 _ = cancel_poll.tick(), if stopper.reason.is_none() => {
@@ -129,6 +140,10 @@ impl Worker {
                     stopper.request(StopReason::Shutdown);
                     shutdown = None;
                 }
+            }
+            if recording.is_none() {
+                // The stop flag is raised if need be: the thread may go on.
+                drop(handled.take());
             }
         }
     }
@@ -179,6 +194,10 @@ impl Worker {
         Ok(Finished { summary, card })
     }
 }
+
+/// An event's recording in progress.
+type Recording<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), RunError>> + Send + 'a>>;
 
 enum Message {
     /// An event, and (but for progress) whom to tell once it is dealt with.

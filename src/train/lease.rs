@@ -39,14 +39,23 @@ impl Worker {
     pub(super) async fn renew(&self, heartbeat: &mut Heartbeat, lease: &Lease) -> bool {
         metrics::counter!(telemetry::WORKER_HEARTBEATS, "worker" => self.id.clone()).increment(1);
         let sent = Instant::now();
-        match leases::heartbeat(&self.pool, lease, self.lease.as_secs_f64()).await {
+        // A cut network makes the database wait for a connection far longer
+        // than the lease: the judgement cannot wait for it.
+        let left = self.lease.saturating_sub(heartbeat.renewed_at.elapsed());
+        let renewal = leases::heartbeat(&self.pool, lease, self.lease.as_secs_f64());
+        let answer = match tokio::time::timeout(left.max(Duration::from_millis(100)), renewal).await
+        {
+            Ok(answer) => answer.map_err(|err| err.to_string()),
+            Err(_) => Err("no answer from the database".to_string()),
+        };
+        match answer {
             Ok(true) => {
                 heartbeat.renewed_at = sent;
                 true
             }
             Ok(false) => false,
             Err(err) if heartbeat.renewed_at.elapsed() >= self.lease => {
-                tracing::warn!(error = %err, "heartbeat failing past the lease");
+                tracing::warn!(error = %err, "heartbeat failing past the lease: giving the job up");
                 false
             }
             Err(err) => {
