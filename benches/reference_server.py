@@ -2,9 +2,12 @@
 PyTorch eager, torchvision preprocessing, one forward pass per request.
 
 Serves a model exported by finetuned (`GET /models/{id}/export`) at
-`POST /predict` with a raw image body. Run by `scripts/bench-predict`.
+`POST /predict` with a raw image body, and with a JSON body
+`{"images": [base64, …]}` the whole batch in one forward pass (as finetuned
+accepts it). Run by `scripts/bench-predict`.
 """
 import argparse
+import base64
 import io
 import json
 import zipfile
@@ -50,13 +53,22 @@ def main() -> None:
     model, transform, labels = build(args.model)
     app = FastAPI()
 
+    def answer(probs, top_k):
+        top = probs.topk(min(top_k, len(labels)))
+        return {"predictions": [{"label": labels[i], "score": float(s)} for s, i in zip(top.values, top.indices)]}
+
     @app.post("/predict")
     async def predict(request: Request, top_k: int = 5):
+        if request.headers.get("content-type", "").startswith("application/json"):
+            encoded = (await request.json())["images"]
+            images = [Image.open(io.BytesIO(base64.b64decode(b))).convert("RGB") for b in encoded]
+            with torch.no_grad():
+                probs = model(torch.stack([transform(i) for i in images])).softmax(-1)
+            return {"results": [answer(p, top_k) for p in probs]}
         image = Image.open(io.BytesIO(await request.body())).convert("RGB")
         with torch.no_grad():
             probs = model(transform(image).unsqueeze(0)).softmax(-1)[0]
-        top = probs.topk(min(top_k, len(labels)))
-        return {"predictions": [{"label": labels[i], "score": float(s)} for s, i in zip(top.values, top.indices)]}
+        return answer(probs, top_k)
 
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
 

@@ -278,7 +278,7 @@ pub(crate) async fn model_spec(state: &AppState, model: &ModelRow) -> Result<Mod
     artifacts.fetch_final(&model.artifact_key).await?;
     let mut spec = serving_spec(model, &state.artifacts)?;
     if let Some(backbone) = crate::train::backbone::uploaded(&state.pool, &model.backbone).await? {
-        artifacts.fetch(&backbone.artifact_key).await?;
+        artifacts.fetch_final(&backbone.artifact_key).await?;
         spec.script = Some(crate::train::backbone::script_spec(
             &backbone,
             &state.artifacts,
