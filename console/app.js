@@ -679,14 +679,38 @@
 
   // ------------------------------------------------------------------- jobs
 
+  /** GET /jobs page after page (newest first) until `count` jobs; `more`: older ones exist. */
+  async function listJobs(count) {
+    const jobs = [];
+    for (;;) {
+      const limit = Math.min(500, count + 1 - jobs.length); // one extra says whether more follow
+      const after = jobs.length ? `&starting_after=${jobs[jobs.length - 1].id}` : '';
+      const page = await api('GET', `/jobs?limit=${limit}${after}`);
+      jobs.push(...page);
+      if (page.length < limit || jobs.length > count) break;
+    }
+    return { jobs: jobs.slice(0, count), more: jobs.length > count };
+  }
+
+  const JOBS_PAGE = 50;
+
   function jobsPage() {
     const list = h('div', { class: 'table-wrap' }, h('p', { class: 'muted' }, 'Loading…'));
     let active = false;
-    const stop = poller(async () => {
+    let wanted = JOBS_PAGE; // grows by a page with every "Load more"
+    let latest = 0; // a refresh overtaken by a later one draws nothing
+    const refresh = async () => {
+      const mine = ++latest;
       try {
-        const jobs = await api('GET', '/jobs');
+        const { jobs, more } = await listJobs(wanted);
+        if (mine !== latest) return;
         active = jobs.some((j) => j.status === 'queued' || j.status === 'running');
-        fill(list, jobs.length ? h('table', {},
+        const loadMore = (e) => {
+          e.currentTarget.disabled = true;
+          wanted += JOBS_PAGE;
+          refresh();
+        };
+        fill(list, jobs.length ? [h('table', {},
           h('thead', {}, h('tr', {}, ['Job', 'Status', 'Backbone', 'Epoch', 'Best val acc.', 'Created', 'Model'].map((t) => h('th', {}, t)))),
           h('tbody', {}, jobs.map((j) => h('tr', {},
             h('td', { class: 'mono' }, link(`/ui/jobs/${j.id}`, short(j.id))),
@@ -695,12 +719,14 @@
             h('td', { class: 'num' }, `${j.epoch}/${j.epochs}`),
             h('td', { class: 'num' }, pct(j.best_val_accuracy)),
             h('td', {}, when(j.created_at)),
-            h('td', { class: 'mono' }, j.model_id ? link(`/ui/models?model=${j.model_id}`, short(j.model_id)) : '–')))))
+            h('td', { class: 'mono' }, j.model_id ? link(`/ui/models?model=${j.model_id}`, short(j.model_id)) : '–'))))),
+          more ? h('p', {}, h('button', { type: 'button', id: 'jobs-more', onclick: loadMore }, 'Load more')) : null]
           : h('p', { class: 'muted' }, 'No jobs yet. ', link('/ui/jobs/new', 'Start one.')));
       } catch (err) {
-        fill(list, problem(err));
+        if (mine === latest) fill(list, problem(err));
       }
-    }, () => (active ? 3000 : 15000));
+    };
+    const stop = poller(refresh, () => (active ? 3000 : 15000));
     page('Jobs', h('p', {}, link('/ui/jobs/new', 'New job')), list);
     return stop;
   }

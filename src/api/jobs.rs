@@ -1,14 +1,14 @@
 //! `POST /jobs`, `GET /jobs`, `GET /jobs/{id}`, `GET /jobs/{id}/metrics`.
 
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, HeaderName, StatusCode};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::Json;
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::extract::ApiJson;
+use super::extract::{ApiJson, ApiQuery};
 use super::{parse_id, AppState};
 use crate::api::error::{ApiError, FieldError};
 use crate::store::jobs::{self as store, JobRow, NewJob, RunRow};
@@ -167,9 +167,80 @@ pub async fn get(
     }))
 }
 
-pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<JobView>>, ApiError> {
-    let jobs = store::list(&state.pool).await?;
-    Ok(Json(jobs.into_iter().map(JobView::new).collect()))
+/// Query of `GET /jobs`: a page's size and where it starts (Stripe's
+/// names). Strings, so that a bad value is a 422 naming its parameter.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListParams {
+    limit: Option<String>,
+    starting_after: Option<String>,
+}
+
+/// Jobs on a page of `GET /jobs` when no `limit` is given, and the most.
+const DEFAULT_PAGE: u32 = 50;
+const MAX_PAGE: u32 = 500;
+
+/// `GET /jobs`: a page of jobs, newest first. The body stays a plain array;
+/// when older jobs follow, `Link: </jobs?limit=…&starting_after=…>;
+/// rel="next"` (RFC 8288) names the next page, which starts after the last
+/// job of this one. Jobs created meanwhile appear only on a first page, so
+/// following the links lists every job once.
+pub async fn list(
+    State(state): State<AppState>,
+    ApiQuery(params): ApiQuery<ListParams>,
+) -> Result<(HeaderMap, Json<Vec<JobView>>), ApiError> {
+    let mut errors = Vec::new();
+    let limit = match params.limit.as_deref().map(str::parse::<u32>) {
+        None => DEFAULT_PAGE,
+        Some(Ok(n)) if (1..=MAX_PAGE).contains(&n) => n,
+        Some(_) => {
+            errors.push(FieldError::new(
+                "limit",
+                format!("must be an integer in [1, {MAX_PAGE}]"),
+            ));
+            DEFAULT_PAGE
+        }
+    };
+    let after = match params.starting_after.as_deref().map(Uuid::parse_str) {
+        None => None,
+        Some(Ok(id)) => Some(id),
+        Some(Err(_)) => {
+            errors.push(FieldError::new(
+                "starting_after",
+                "must be a job id (the last job of the previous page)",
+            ));
+            None
+        }
+    };
+    if !errors.is_empty() {
+        return Err(ApiError::invalid("invalid job listing query", errors));
+    }
+    let page = store::list(&state.pool, limit, after)
+        .await?
+        .ok_or_else(|| {
+            ApiError::invalid(
+                "invalid job listing query",
+                vec![FieldError::new(
+                    "starting_after",
+                    format!("no job with id {}", after.unwrap_or_default()),
+                )],
+            )
+        })?;
+    let mut headers = HeaderMap::new();
+    if let (true, Some(last)) = (page.more, page.jobs.last()) {
+        let next = format!(
+            "</jobs?limit={limit}&starting_after={}>; rel=\"next\"",
+            last.id
+        );
+        headers.insert(
+            header::LINK,
+            HeaderValue::from_str(&next).map_err(|e| ApiError::Internal(e.into()))?,
+        );
+    }
+    Ok((
+        headers,
+        Json(page.jobs.into_iter().map(JobView::new).collect()),
+    ))
 }
 
 #[derive(Serialize)]

@@ -180,7 +180,7 @@ fn with_cors(router: Router<AppState>, origins: &[String]) -> Router<AppState> {
                 header::CONTENT_TYPE,
                 HeaderName::from_static("idempotency-key"),
             ])
-            .expose_headers([REQUEST_ID.clone(), header::RETRY_AFTER]),
+            .expose_headers([REQUEST_ID.clone(), header::RETRY_AFTER, header::LINK]),
     )
 }
 

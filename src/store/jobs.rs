@@ -16,8 +16,8 @@ use uuid::Uuid;
 use super::{JobStatus, JOBS_CHANNEL};
 
 pub use super::leases::{
-    begin, claim, fence, finish, heartbeat, holds, reap_expired, release, set_progress,
-    set_test_metrics, upsert_worker, worker_seen, Fenced, Lease, Reaped,
+    begin, claim, explain_claim, fence, finish, heartbeat, holds, reap_expired, release,
+    set_progress, set_test_metrics, upsert_worker, worker_seen, Fenced, Lease, Reaped,
 };
 pub use super::runs::{finish_run, runs, set_run_started, start_run, RunRow};
 
@@ -105,12 +105,51 @@ pub async fn get(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<JobRow>> {
         .await
 }
 
-pub async fn list(pool: &PgPool) -> sqlx::Result<Vec<JobRow>> {
-    sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM jobs ORDER BY created_at DESC LIMIT 500"
-    ))
-    .fetch_all(pool)
-    .await
+/// One page of [`list`].
+#[derive(Debug)]
+pub struct Page {
+    pub jobs: Vec<JobRow>,
+    /// Whether jobs older than the last one on this page exist.
+    pub more: bool,
+}
+
+/// A page of jobs, newest first (by `created_at`, then id, an order no
+/// insert changes below the newest job): at most `limit` jobs, those after
+/// job `after` (the last one of the previous page) when given. `None`: no
+/// job has the id `after`. Each page is read from the index `jobs_newest`
+/// (migration 0009), starting at its cursor, however deep it lies.
+pub async fn list(pool: &PgPool, limit: u32, after: Option<Uuid>) -> sqlx::Result<Option<Page>> {
+    let fetch = i64::from(limit) + 1;
+    let mut jobs: Vec<JobRow> = match after {
+        None => {
+            sqlx::query_as(&format!(
+                "SELECT {COLUMNS} FROM jobs ORDER BY created_at DESC, id DESC LIMIT $1"
+            ))
+            .bind(fetch)
+            .fetch_all(pool)
+            .await?
+        }
+        Some(after) => {
+            sqlx::query_as(&format!(
+                "SELECT {COLUMNS} FROM jobs
+                 WHERE (created_at, id) < (SELECT created_at, id FROM jobs WHERE id = $2)
+                 ORDER BY created_at DESC, id DESC LIMIT $1"
+            ))
+            .bind(fetch)
+            .bind(after)
+            .fetch_all(pool)
+            .await?
+        }
+    };
+    // An empty page after a cursor: the end, or a cursor naming no job.
+    if let (Some(after), true) = (after, jobs.is_empty()) {
+        if get(pool, after).await?.is_none() {
+            return Ok(None);
+        }
+    }
+    let more = jobs.len() > limit as usize;
+    jobs.truncate(limit as usize);
+    Ok(Some(Page { jobs, more }))
 }
 
 /// Cancels a job: a queued one at once, a running one by asking its worker

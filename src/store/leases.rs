@@ -108,36 +108,96 @@ pub async fn holds(pool: &PgPool, lease: &Lease) -> sqlx::Result<bool> {
         .await
 }
 
+/// The claim's search: the most urgent claimable job, locked (`SKIP LOCKED`:
+/// claimers never wait for each other). Queued jobs and jobs whose lease
+/// expired are each looked up in their own index (`jobs_queued`,
+/// `jobs_leased`; migration 0009), so a claim reads a few index pages however
+/// many jobs are queued or running. The candidate not taken is unlocked when
+/// the statement ends.
+pub const CLAIM_CANDIDATE: &str = "
+    WITH queued AS (
+        SELECT id, priority, created_at FROM jobs
+        WHERE status = 'queued' AND NOT cancel_requested AND attempts < max_attempts
+        ORDER BY priority DESC, created_at
+        LIMIT 1
+        FOR UPDATE SKIP LOCKED),
+    expired AS (
+        SELECT id, priority, created_at FROM jobs
+        WHERE status = 'running' AND lease_expires_at < now()
+          AND NOT cancel_requested AND attempts < max_attempts
+        ORDER BY priority DESC, created_at
+        LIMIT 1
+        FOR UPDATE SKIP LOCKED)
+    SELECT id FROM (SELECT * FROM queued UNION ALL SELECT * FROM expired) candidates
+    ORDER BY priority DESC, created_at
+    LIMIT 1";
+
 /// Claims the most urgent queued job (or one whose worker's lease expired)
 /// for `worker`, holding a lease of `lease_secs`. The attempt it starts
 /// (`attempts`, raised by one) is the new lease's fencing token; a run the
 /// previous holder left open ends as `lost`.
 pub async fn claim(pool: &PgPool, worker: &str, lease_secs: f64) -> sqlx::Result<Option<JobRow>> {
-    // One statement, so no transaction is left open between its parts.
-    sqlx::query_as(&format!(
+    sqlx::query_as(&claim_sql())
+        .bind(worker)
+        .bind(lease_secs)
+        .fetch_optional(pool)
+        .await
+}
+
+/// The plan of [`claim`]'s statement as `EXPLAIN (ANALYZE, BUFFERS)` prints
+/// it, one line per row: run for real (it claims a job for `worker`) inside a
+/// transaction that is rolled back, so nothing changes.
+pub async fn explain_claim(pool: &PgPool, worker: &str) -> sqlx::Result<Vec<String>> {
+    let mut tx = pool.begin().await?;
+    let plan = sqlx::query_scalar(&format!("EXPLAIN (ANALYZE, BUFFERS) {}", claim_sql()))
+        .bind(worker)
+        .bind(60.0_f64)
+        .fetch_all(&mut *tx)
+        .await?;
+    tx.rollback().await?;
+    Ok(plan)
+}
+
+/// [`claim`]'s statement: `$1` the worker, `$2` the lease in seconds. One
+/// statement, so no transaction is left open between its parts.
+///
+/// The candidate is the most urgent claimable job, locked with `SKIP LOCKED`
+/// (claimers never wait for each other). Queued jobs and jobs whose lease
+/// expired are each looked up in their own index (`jobs_queued`,
+/// `jobs_leased`: migration 0009), so a claim reads a few index pages however
+/// many jobs are queued or running; the candidate not taken is unlocked when
+/// the statement ends.
+fn claim_sql() -> String {
+    format!(
         "WITH claimed AS (
              UPDATE jobs SET status = 'running', attempts = attempts + 1,
                  lease_owner = $1, lease_expires_at = now() + make_interval(secs => $2),
                  started_at = coalesce(started_at, now()), updated_at = now(), error = NULL
              WHERE id = (
-                 SELECT id FROM jobs
-                 WHERE (status = 'queued' OR (status = 'running' AND lease_expires_at < now()))
-                   AND NOT cancel_requested
-                   AND attempts < max_attempts
+                 WITH queued AS (
+                     SELECT id, priority, created_at FROM jobs
+                     WHERE status = 'queued' AND NOT cancel_requested
+                       AND attempts < max_attempts
+                     ORDER BY priority DESC, created_at
+                     LIMIT 1
+                     FOR UPDATE SKIP LOCKED),
+                 expired AS (
+                     SELECT id, priority, created_at FROM jobs
+                     WHERE status = 'running' AND lease_expires_at < now()
+                       AND NOT cancel_requested AND attempts < max_attempts
+                     ORDER BY priority DESC, created_at
+                     LIMIT 1
+                     FOR UPDATE SKIP LOCKED)
+                 SELECT id FROM (SELECT * FROM queued UNION ALL SELECT * FROM expired) candidates
                  ORDER BY priority DESC, created_at
-                 LIMIT 1
-                 FOR UPDATE SKIP LOCKED)
+                 LIMIT 1)
              RETURNING {COLUMNS}),
          superseded AS (
              UPDATE runs SET outcome = 'lost', finished_at = now(),
                  error = 'the lease expired; a later attempt took the job over'
              WHERE outcome IS NULL AND job_id IN (SELECT id FROM claimed))
          SELECT * FROM claimed"
-    ))
-    .bind(worker)
-    .bind(lease_secs)
-    .fetch_optional(pool)
-    .await
+    )
 }
 
 /// Renews the lease. `false` means the lease was lost (expired, taken over,

@@ -22,6 +22,7 @@ mod operations;
 mod outage;
 mod pretrained;
 mod processes;
+mod queue;
 mod scale_out;
 mod script_backbones;
 mod serving;

@@ -212,6 +212,23 @@ try {
   await page.goto(`${URL_}/ui/jobs`);
   await page.locator(`a[href="/ui/jobs/${jobId}"]`).waitFor();
   await shot(page, '05-jobs');
+  // More jobs than a page holds (queued and cancelled at once): the trained
+  // one, the oldest, is behind "Load more".
+  for (let i = 0; i < 50; i++) {
+    const queued = await api('POST', '/jobs', {
+      body: JSON.stringify({ dataset_id: datasetId, epochs: 1 }), headers: { 'Content-Type': 'application/json' },
+    });
+    assert.equal(queued.status, 202, JSON.stringify(queued.body));
+    assert.equal((await api('POST', `/jobs/${queued.body.id}/cancel`)).status, 202);
+  }
+  await page.reload();
+  await page.locator('#jobs-more').waitFor();
+  assert.equal(await page.locator('tbody tr').count(), 50);
+  assert.equal(await page.locator(`a[href="/ui/jobs/${jobId}"]`).count(), 0);
+  await page.locator('#jobs-more').click();
+  await page.locator(`a[href="/ui/jobs/${jobId}"]`).waitFor();
+  assert.equal(await page.locator('tbody tr').count(), 51);
+  assert.equal(await page.locator('#jobs-more').count(), 0, 'no more to load');
   await page.goto(`${URL_}/ui/models?model=${job.model_id}`);
   await page.locator(`#model-${job.model_id}`).waitFor();
   await shot(page, '06-models');

@@ -1,6 +1,6 @@
 """Python client for the finetuned HTTP API: upload, train, wait, predict, deploy."""
 
-from ._client import AsyncClient, Client, JobOptions
+from ._client import AsyncClient, AsyncJobPage, Client, JobOptions, JobPage
 from ._errors import (APIError, BadRequest, Conflict, ErrorDetail, FinetunedError, Forbidden,
                       InsufficientStorage, NotFound, PayloadTooLarge, RateLimited, ServerError,
                       ServiceUnavailable, Unauthorized, Unprocessable, UnsupportedMediaType)
@@ -9,8 +9,9 @@ from ._models import Result as PredictResult
 
 __version__ = "0.1.0"
 __all__ = [
-    "APIError", "AsyncClient", "Augmentation", "Backbone", "BadRequest", "Client", "Conflict", "Dataset",
-    "EpochMetrics", "ErrorDetail", "FinetunedError", "Forbidden", "InsufficientStorage", "Job", "JobOptions",
-    "Model", "NotFound", "PayloadTooLarge", "PredictResponse", "PredictResult", "Prediction", "RateLimited",
-    "ServerError", "ServiceUnavailable", "Unauthorized", "Unprocessable", "UnsupportedMediaType",
+    "APIError", "AsyncClient", "AsyncJobPage", "Augmentation", "Backbone", "BadRequest", "Client", "Conflict",
+    "Dataset", "EpochMetrics", "ErrorDetail", "FinetunedError", "Forbidden", "InsufficientStorage", "Job",
+    "JobOptions", "JobPage", "Model", "NotFound", "PayloadTooLarge", "PredictResponse", "PredictResult",
+    "Prediction", "RateLimited", "ServerError", "ServiceUnavailable", "Unauthorized", "Unprocessable",
+    "UnsupportedMediaType",
 ]

@@ -91,6 +91,41 @@ class _Base:
         return c.backoff(attempt, r)
 
 
+class JobPage(List[m.Job]):
+    """A page of `jobs.list()`: a list of jobs, newest first, with `has_more` (older jobs follow) and
+    `auto_paging_iter()`, which yields every job from this page on, fetching the next pages as it goes."""
+
+    def __init__(self, client: Client, jobs: list[m.Job], has_more: bool, limit: Optional[int]) -> None:
+        super().__init__(jobs)
+        self.has_more, self._client, self._limit = has_more, client, limit
+
+    def auto_paging_iter(self) -> Iterator[m.Job]:
+        page: JobPage = self
+        while True:
+            yield from page
+            if not page.has_more or not page:
+                return
+            page = self._client.jobs.list(limit=self._limit, starting_after=page[-1].id)
+
+
+class AsyncJobPage(List[m.Job]):
+    """A page of `AsyncClient.jobs.list()`; `async for job in page.auto_paging_iter()` walks every job
+    from this page on."""
+
+    def __init__(self, client: AsyncClient, jobs: list[m.Job], has_more: bool, limit: Optional[int]) -> None:
+        super().__init__(jobs)
+        self.has_more, self._client, self._limit = has_more, client, limit
+
+    async def auto_paging_iter(self) -> AsyncIterator[m.Job]:
+        page: AsyncJobPage = self
+        while True:
+            for job in page:
+                yield job
+            if not page.has_more or not page:
+                return
+            page = await self._client.jobs.list(limit=self._limit, starting_after=page[-1].id)
+
+
 def _progress_stream(it: Iterator[bytes], total: int, desc: str) -> Iterator[bytes]:
     from tqdm.auto import tqdm
 
@@ -208,8 +243,12 @@ class Jobs:
     def get(self, job: Id) -> m.Job:
         return self._c.run(c.get(m.Job, f"/jobs/{c.ident(job)}"))
 
-    def list(self) -> list[m.Job]:
-        return self._c.run(c.get(list[m.Job], "/jobs"))
+    def list(self, *, limit: Optional[int] = None, starting_after: Optional[Id] = None) -> JobPage:
+        """A page of jobs, newest first: at most `limit` (server default 50, at most 500), those after job
+        `starting_after`. `.auto_paging_iter()` on it walks every job: `for job in client.jobs.list().auto_paging_iter()`."""
+        after = None if starting_after is None else c.ident(starting_after)
+        jobs, more = self._c.run(c.list_jobs(limit, after))
+        return JobPage(self._c, jobs, more, limit)
 
     def cancel(self, job: Id) -> m.Job:
         return self._c.run(c.post_model(m.Job, f"/jobs/{c.ident(job)}/cancel"))
@@ -408,8 +447,10 @@ class AsyncJobs:
     async def get(self, job: Id) -> m.Job:
         return await self._c.run(c.get(m.Job, f"/jobs/{c.ident(job)}"))
 
-    async def list(self) -> list[m.Job]:
-        return await self._c.run(c.get(list[m.Job], "/jobs"))
+    async def list(self, *, limit: Optional[int] = None, starting_after: Optional[Id] = None) -> AsyncJobPage:
+        after = None if starting_after is None else c.ident(starting_after)
+        jobs, more = await self._c.run(c.list_jobs(limit, after))
+        return AsyncJobPage(self._c, jobs, more, limit)
 
     async def cancel(self, job: Id) -> m.Job:
         return await self._c.run(c.post_model(m.Job, f"/jobs/{c.ident(job)}/cancel"))

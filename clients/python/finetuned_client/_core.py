@@ -152,6 +152,12 @@ def create_job(dataset: Any, options: dict[str, Any], idempotency_key: Optional[
     return m.Job.model_validate_json(r.content)
 
 
+def list_jobs(limit: Optional[int], starting_after: Optional[str]) -> Op[tuple[list[m.Job], bool]]:
+    """One page of `GET /jobs` (newest first) and whether older jobs follow (its `Link: rel="next"`)."""
+    r = yield Req("GET", "/jobs", params=clean({"limit": limit, "starting_after": starting_after}))
+    return parse(list[m.Job], r), "next" in r.links
+
+
 def post_model(tp: type[T], path: str, body: Any = None) -> Op[T]:
     r = yield Req("POST", path, json=body)
     result: T = parse(tp, r)

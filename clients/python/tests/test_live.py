@@ -92,6 +92,18 @@ def test_idempotent_create(client: fc.Client, trained: tuple[fc.Dataset, fc.Job]
     assert client.jobs.wait(a).status == "succeeded"
 
 
+def test_jobs_listed_a_page_at_a_time(client: fc.Client, trained: tuple[fc.Dataset, fc.Job]) -> None:
+    _, job = trained
+    everything = client.jobs.list(limit=500)
+    first = client.jobs.list(limit=1)
+    assert len(first) == 1 and first.has_more == (len(everything) > 1)
+    walked = [j.id for j in first.auto_paging_iter()]
+    assert walked == [j.id for j in everything] and job.id in walked
+    with pytest.raises(fc.Unprocessable) as e:
+        client.jobs.list(limit=501)
+    assert e.value.errors[0].path == "limit"
+
+
 def test_models_deploy_export_backbones(client: fc.Client, trained: tuple[fc.Dataset, fc.Job],
                                         tmp_path: Path) -> None:
     _, job = trained

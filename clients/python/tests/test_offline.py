@@ -67,6 +67,43 @@ def test_async_429_retried() -> None:
     assert len(calls) == 2
 
 
+def _paged_jobs(total: int) -> tuple[list[dict[str, Any]], Any]:
+    """`total` jobs and a handler serving GET /jobs a page at a time, as the server does."""
+    jobs = [dict(JOB, id=f"6f1c1b1e-0000-4000-8000-{i:012d}") for i in range(total, 0, -1)]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        limit = int(request.url.params.get("limit", "50"))
+        after = request.url.params.get("starting_after")
+        start = 0 if after is None else [j["id"] for j in jobs].index(after) + 1
+        page = jobs[start:start + limit]
+        more = start + limit < len(jobs)
+        headers = {"link": f'</jobs?limit={limit}&starting_after={page[-1]["id"]}>; rel="next"'} if more else {}
+        return httpx.Response(200, json=page, headers=headers)
+
+    return jobs, handler
+
+
+def test_jobs_list_pages_and_auto_paging_iter_walks_every_job() -> None:
+    jobs, handler = _paged_jobs(7)
+    seen: list[httpx.Request] = []
+    transport = httpx.MockTransport(lambda r: seen.append(r) or handler(r))
+    client = fc.Client("http://test", transport=transport)
+    first = client.jobs.list(limit=3)
+    assert isinstance(first, list) and len(first) == 3 and first.has_more
+    assert [str(j.id) for j in first.auto_paging_iter()] == [j["id"] for j in jobs]
+    assert len(seen) == 3 and seen[-1].url.params["starting_after"] == jobs[5]["id"]
+    last = client.jobs.list(limit=3, starting_after=jobs[5]["id"])
+    assert [str(j.id) for j in last] == [jobs[6]["id"]] and not last.has_more
+
+    async def main() -> None:
+        async with fc.AsyncClient("http://test", transport=httpx.MockTransport(handler)) as ac:
+            page = await ac.jobs.list(limit=2)
+            assert page.has_more and len(page) == 2
+            assert [str(j.id) async for j in page.auto_paging_iter()] == [j["id"] for j in jobs]
+
+    asyncio.run(main())
+
+
 def test_wait_reconnects_after_a_dropped_stream(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("finetuned_client._client.time.sleep", lambda s: None)
     streams = []

@@ -390,6 +390,72 @@ class Resource {
   constructor(protected readonly client: Finetuned) {}
 }
 
+/** One page of a list endpoint, and whether more items follow it. */
+interface PageOf<T> {
+  items: T[];
+  hasMore: boolean;
+}
+
+/**
+ * A list the server answers a page at a time (`limit`, `starting_after`,
+ * `Link: <…>; rel="next"`). Awaited, it is the first page (an array);
+ * iterated with `for await`, it is every item, the next pages fetched as
+ * they are reached.
+ */
+export class PagedList<T extends { id: string }> implements PromiseLike<T[]>, AsyncIterable<T> {
+  private first?: Promise<PageOf<T>>;
+
+  /** @internal */
+  constructor(private readonly fetchPage: (startingAfter: string | undefined) => Promise<PageOf<T>>,
+    private readonly startingAfter?: string) {}
+
+  private firstPage(): Promise<PageOf<T>> {
+    return (this.first ??= this.fetchPage(this.startingAfter));
+  }
+
+  then<A = T[], B = never>(onfulfilled?: ((value: T[]) => A | PromiseLike<A>) | null,
+    onrejected?: ((reason: unknown) => B | PromiseLike<B>) | null): Promise<A | B> {
+    return this.firstPage().then((page) => page.items).then(onfulfilled, onrejected);
+  }
+
+  catch<B = never>(onrejected?: ((reason: unknown) => B | PromiseLike<B>) | null): Promise<T[] | B> {
+    return this.then(undefined, onrejected);
+  }
+
+  /** Every page from this one on. */
+  async *pages(): AsyncGenerator<T[]> {
+    let page = await this.firstPage();
+    for (;;) {
+      yield page.items;
+      const last = page.items[page.items.length - 1];
+      if (!page.hasMore || !last) return;
+      page = await this.fetchPage(last.id);
+    }
+  }
+
+  async *[Symbol.asyncIterator](): AsyncGenerator<T> {
+    for await (const items of this.pages()) yield* items;
+  }
+}
+
+/**
+ * Whether a page has a successor: its `Link: rel="next"`, or, where a
+ * browser hides the header (cross-origin, not exposed), a full page.
+ */
+function hasNext(response: Response, count: number, limit: number): boolean {
+  const link = response.headers.get("link");
+  if (link !== null) return /;\s*rel="?next"?/.test(link);
+  return count >= limit;
+}
+
+export interface ListJobsOptions {
+  /** Jobs per page: 1 to 500, 50 by default. */
+  limit?: number;
+  /** The id of the job the list starts after (the last one of a previous page). */
+  startingAfter?: string;
+  signal?: AbortSignal;
+}
+
 export class Datasets extends Resource {
   /**
    * Uploads an archive (zip, tar or tar.gz of class folders): a `File` or
@@ -478,8 +544,21 @@ export class Jobs extends Resource {
     });
   }
 
-  list(): Promise<Job[]> {
-    return this.client.request("GET", "/jobs", { idempotent: true });
+  /**
+   * Jobs, newest first. `await jobs.list()` is one page (50 unless
+   * `limit`); `for await (const job of jobs.list())` is every job, page
+   * after page.
+   */
+  list(options: ListJobsOptions = {}): PagedList<Job> {
+    return new PagedList<Job>(async (startingAfter) => {
+      const response = await this.client.raw("GET", "/jobs", {
+        query: { limit: options.limit, starting_after: startingAfter },
+        idempotent: true,
+        signal: options.signal,
+      });
+      const items = (await response.json()) as Job[];
+      return { items, hasMore: hasNext(response, items.length, options.limit ?? 50) };
+    }, options.startingAfter);
   }
 
   get(id: string): Promise<Job> {

@@ -88,7 +88,16 @@ export interface paths {
             path?: never;
             cookie?: never;
         };
-        /** List jobs, newest first */
+        /**
+         * List jobs, newest first, a page at a time
+         * @description At most `limit` jobs, newest first (by creation time, then id).
+         *     When older jobs follow, the `Link` header names the next page
+         *     (`</jobs?limit=50&starting_after=ID>; rel="next"`, RFC 8288); it
+         *     starts after the last job of this page, so a client may also pass
+         *     that job's id as `starting_after` itself. The last page has no
+         *     `Link`. Jobs created while a client pages appear only on a first
+         *     page: following the links lists every job once, in order.
+         */
         get: operations["listJobs"];
         put?: never;
         /** Queue a fine-tuning job */
@@ -279,7 +288,8 @@ export interface paths {
          *     `image/*` body; at most 64. Concurrent requests are batched into one
          *     forward pass. An image that cannot be decoded gets an `error` in its
          *     result without failing the others (422 when none can be used). A full
-         *     queue answers 503 with `Retry-After`.
+         *     queue answers 503 with `Retry-After`, as does a model not yet cached
+         *     on this host while the shared artifact store cannot be reached.
          */
         post: operations["predict"];
         delete?: never;
@@ -1037,16 +1047,22 @@ export interface operations {
     };
     listJobs: {
         parameters: {
-            query?: never;
+            query?: {
+                limit?: number;
+                /** @description The id of the last job of the previous page; an unknown id is a 422. */
+                starting_after?: string;
+            };
             header?: never;
             path?: never;
             cookie?: never;
         };
         requestBody?: never;
         responses: {
-            /** @description Jobs. */
+            /** @description A page of jobs. */
             200: {
                 headers: {
+                    /** @description `<…>; rel="next"` while older jobs follow. */
+                    Link?: string;
                     [name: string]: unknown;
                 };
                 content: {
@@ -1055,6 +1071,7 @@ export interface operations {
             };
             401: components["responses"]["Problem"];
             403: components["responses"]["Problem"];
+            422: components["responses"]["Problem"];
             503: components["responses"]["Overloaded"];
         };
     };

@@ -93,6 +93,11 @@ test("jobs.create (idempotent), watch to the end, metrics, list", async () => {
   const metrics = await client.jobs.metrics(job.id);
   assert.deepEqual(metrics.epochs.map((m) => m.epoch), [1, 2]);
   assert.ok((await client.jobs.list()).some((j) => j.id === job.id));
+  const everything = await client.jobs.list({ limit: 500 });
+  const walked = [];
+  for await (const j of client.jobs.list({ limit: 1 })) walked.push(j.id);
+  assert.deepEqual(walked, everything.map((j) => j.id), "one job a page, every job once, newest first");
+  await rejectsWith(client.jobs.list({ limit: 0 }), 422, (err) => assert.equal(err.errors[0].path, "limit"));
   await rejectsWith(client.jobs.cancel(job.id), 409);
   state.job = done;
 });

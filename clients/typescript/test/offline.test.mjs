@@ -65,6 +65,42 @@ test("a 429 is retried too, and a 503 that persists becomes a FinetunedError", a
   });
 });
 
+/** Serves GET /jobs over `jobs` a page at a time, as the server does (`exposeLink`: the Link header). */
+const pagedJobs = (jobs, exposeLink = true) => (req, res) => {
+  const url = new URL(req.url, "http://x");
+  const limit = Number(url.searchParams.get("limit") ?? 50);
+  const after = url.searchParams.get("starting_after");
+  const start = after === null ? 0 : jobs.findIndex((j) => j.id === after) + 1;
+  const page = jobs.slice(start, start + limit);
+  const headers = { "content-type": "application/json" };
+  if (exposeLink && start + limit < jobs.length) {
+    headers.link = `</jobs?limit=${limit}&starting_after=${page.at(-1).id}>; rel="next"`;
+  }
+  res.writeHead(200, headers);
+  res.end(JSON.stringify(page));
+};
+
+test("jobs.list: awaited a page, iterated every job, following the pages", async () => {
+  const jobs = Array.from({ length: 7 }, (_, i) => ({ id: `job-${7 - i}` }));
+  await withServer(pagedJobs(jobs), async (url, hits) => {
+    const client = new Finetuned({ baseUrl: url });
+    assert.deepEqual(await client.jobs.list({ limit: 3 }), jobs.slice(0, 3));
+    assert.deepEqual(await client.jobs.list({ limit: 3, startingAfter: "job-2" }), jobs.slice(6));
+    hits.length = 0;
+    const all = [];
+    for await (const job of client.jobs.list({ limit: 3 })) all.push(job.id);
+    assert.deepEqual(all, jobs.map((j) => j.id));
+    assert.deepEqual(hits.map((h) => h.url), ["/jobs?limit=3", "/jobs?limit=3&starting_after=job-5", "/jobs?limit=3&starting_after=job-2"]);
+  });
+  // Without the Link header (a browser hiding it cross-origin): a full page means "maybe more".
+  await withServer(pagedJobs(jobs.slice(0, 6), false), async (url, hits) => {
+    const all = [];
+    for await (const job of new Finetuned({ baseUrl: url }).jobs.list({ limit: 3 })) all.push(job.id);
+    assert.equal(all.length, 6);
+    assert.equal(hits.length, 3, "the third page came back empty");
+  });
+});
+
 test("a retried POST /jobs sends the same Idempotency-Key, and the API key", async () => {
   await withServer((req, res, n) => (n === 1 ? problem(res, 503, {}, { "retry-after": "0" }) : json(res, { id: "j1", status: "queued" }, 202)),
     async (url, hits) => {
