@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod precision;
 mod record;
 mod session;
+mod threads;
 pub mod trainer;
 pub mod worker;
 

@@ -15,6 +15,7 @@ use super::feature_cache::FeatureCache;
 use super::layout::Layout;
 use super::metrics::macro_f1;
 use super::precision::Precision;
+use super::threads::ThreadTuner;
 use super::trainer::{
     epoch_checkpoint, TestMetrics, TrainError, TrainEvent, TrainSpec, BEST_CHECKPOINT,
     PROGRESS_INTERVAL,
@@ -42,6 +43,9 @@ pub(super) struct Session<'a> {
     class_weights: Option<Tensor>,
     pub(super) cache: Option<FeatureCache>,
     pub(super) precision: Precision,
+    /// Chooses the CPU steps' intra-op thread count (`None` on a GPU or
+    /// with one thread).
+    threads: Option<ThreadTuner>,
     /// 1, or the epoch after the one an earlier attempt saved.
     pub(super) first_epoch: i64,
     /// When the feature cache began to be built: the first epoch's time
@@ -113,6 +117,7 @@ impl<'a> Session<'a> {
             class_weights,
             cache,
             precision,
+            threads: ThreadTuner::new(spec.device),
             first_epoch,
             cache_started,
         })
@@ -146,7 +151,14 @@ impl<'a> Session<'a> {
             lr = cfg.learning_rate * cfg.lr_factor((epoch - 1) as f64 + step as f64 / steps as f64);
             set_learning_rates(&mut self.opt, cfg, lr, self.stages);
 
+            if let Some(threads) = &self.threads {
+                threads.before_step();
+            }
+            let began = Instant::now();
             let (loss, hits) = self.step(epoch, &order.narrow(0, start, len))?;
+            if let Some(threads) = &mut self.threads {
+                threads.after_step(began.elapsed(), len);
+            }
             loss_sum += loss * len as f64;
             correct += hits;
             if last_report.elapsed() >= PROGRESS_INTERVAL {

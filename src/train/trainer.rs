@@ -6,8 +6,9 @@
 //! checkpoint, keep the best and stop early when it stops improving, then
 //! test the best. The steps are in `session.rs`; beside them are
 //! `evaluate.rs` (scores of a split), `feature_cache.rs` (a frozen
-//! backbone's features, computed once) and `layout.rs` (channels-last on
-//! the CPU).
+//! backbone's features, computed once), `layout.rs` (channels-last on
+//! the CPU) and `threads.rs` (the CPU steps' intra-op thread count, by
+//! measurement).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;

@@ -23,7 +23,7 @@ const BUCKET: &str = "artifacts";
 const ACCESS_KEY: &str = "finetuned";
 const SECRET_KEY: &str = "finetuned-cluster-secret";
 /// Short, so a lost host's job moves on within seconds.
-const LEASE_SECS: u64 = 6;
+const LEASE_SECS: u64 = 10;
 const API_PORT: u16 = 8080;
 const S3_PORT: u16 = 8333;
 const PG_PORT: u16 = 5432;
@@ -807,6 +807,29 @@ async fn api_and_worker_hosts_share_postgres_and_s3_and_survive_a_lost_host_and_
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     cluster.net.set_link(&lost, true);
+    // Back on the network, it records itself alive again before new work comes.
+    let back: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT now()")
+        .fetch_one(&cluster.pool)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    loop {
+        let seen: Option<chrono::DateTime<chrono::Utc>> =
+            sqlx::query_scalar("SELECT max(heartbeat_at) FROM workers WHERE host = $1")
+                .bind(&lost)
+                .fetch_one(&cluster.pool)
+                .await
+                .unwrap();
+        if seen.is_some_and(|seen| seen > back) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{lost} did not come back: {}",
+            cluster.worker_log(&lost)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     report(
         &format!("host {lost} cut during epoch 2; {other} resumed"),
         format!(
