@@ -114,7 +114,7 @@ pub async fn holds(pool: &PgPool, lease: &Lease) -> sqlx::Result<bool> {
 /// `jobs_leased`; migration 0009), so a claim reads a few index pages however
 /// many jobs are queued or running. The candidate not taken is unlocked when
 /// the statement ends.
-pub const CLAIM_CANDIDATE: &str = "
+const CLAIM_CANDIDATE: &str = "
     WITH queued AS (
         SELECT id, priority, created_at FROM jobs
         WHERE status = 'queued' AND NOT cancel_requested AND attempts < max_attempts
@@ -160,37 +160,13 @@ pub async fn explain_claim(pool: &PgPool, worker: &str) -> sqlx::Result<Vec<Stri
 
 /// [`claim`]'s statement: `$1` the worker, `$2` the lease in seconds. One
 /// statement, so no transaction is left open between its parts.
-///
-/// The candidate is the most urgent claimable job, locked with `SKIP LOCKED`
-/// (claimers never wait for each other). Queued jobs and jobs whose lease
-/// expired are each looked up in their own index (`jobs_queued`,
-/// `jobs_leased`: migration 0009), so a claim reads a few index pages however
-/// many jobs are queued or running; the candidate not taken is unlocked when
-/// the statement ends.
 fn claim_sql() -> String {
     format!(
         "WITH claimed AS (
              UPDATE jobs SET status = 'running', attempts = attempts + 1,
                  lease_owner = $1, lease_expires_at = now() + make_interval(secs => $2),
                  started_at = coalesce(started_at, now()), updated_at = now(), error = NULL
-             WHERE id = (
-                 WITH queued AS (
-                     SELECT id, priority, created_at FROM jobs
-                     WHERE status = 'queued' AND NOT cancel_requested
-                       AND attempts < max_attempts
-                     ORDER BY priority DESC, created_at
-                     LIMIT 1
-                     FOR UPDATE SKIP LOCKED),
-                 expired AS (
-                     SELECT id, priority, created_at FROM jobs
-                     WHERE status = 'running' AND lease_expires_at < now()
-                       AND NOT cancel_requested AND attempts < max_attempts
-                     ORDER BY priority DESC, created_at
-                     LIMIT 1
-                     FOR UPDATE SKIP LOCKED)
-                 SELECT id FROM (SELECT * FROM queued UNION ALL SELECT * FROM expired) candidates
-                 ORDER BY priority DESC, created_at
-                 LIMIT 1)
+             WHERE id = ({CLAIM_CANDIDATE})
              RETURNING {COLUMNS}),
          superseded AS (
              UPDATE runs SET outcome = 'lost', finished_at = now(),
