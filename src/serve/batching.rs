@@ -119,27 +119,27 @@ pub(super) fn spawn(config: BatchingConfig) -> std::io::Result<(Queue, Vec<Line>
         line: receiver,
         waiting,
     };
-    let busy = Arc::new(AtomicUsize::new(0));
     let mut warm_ups = Vec::new();
     for i in 0..config.threads.max(1) {
         let (warm_up, own) = channel::bounded::<Request>(4);
-        let (inbox, config, busy) = (inbox.clone(), config.clone(), busy.clone());
+        let (inbox, config) = (inbox.clone(), config.clone());
         std::thread::Builder::new()
             .name(format!("inference-{i}"))
             .spawn(move || {
                 lower_priority();
+                // libtorch's intra-op thread count is per OS thread: the
+                // cores are shared out once. Changing it per batch (every
+                // core for a pass that runs alone) gave each inference thread
+                // its own OpenMP team, whose idle threads spin while another
+                // team works: one client's latency went from 15 to 43 ms.
+                if config.torch_threads > 0 {
+                    let share = config.torch_threads / config.threads.max(1);
+                    tch::set_num_threads(share.max(1) as i32);
+                }
                 let mut cache =
                     ModelCache::new(config.cache_capacity, config.cache_bytes, config.device);
                 while let Some(batch) = next_batch(&inbox, &own, &config) {
-                    let running = busy.fetch_add(1, Ordering::SeqCst) + 1;
-                    // libtorch's intra-op thread count is per OS thread:
-                    // alone, a forward pass takes every core; under load
-                    // the passes split them instead of oversubscribing.
-                    if config.torch_threads > 0 {
-                        tch::set_num_threads((config.torch_threads / running).max(1) as i32);
-                    }
                     run(&mut cache, batch);
-                    busy.fetch_sub(1, Ordering::SeqCst);
                 }
             })?;
         warm_ups.push(warm_up);
