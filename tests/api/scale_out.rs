@@ -666,6 +666,10 @@ impl Drop for Cluster {
     }
 }
 
+/// The SeaweedFS tests run one at a time: some of its ports (gRPC) are
+/// bound on every address, whatever `-ip.bind` says.
+static SEAWEEDFS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Prints one row of the scale-out table (scripts/cluster-check collects them).
 fn report(what: &str, result: impl std::fmt::Display) {
     println!("| {what} | {result} |");
@@ -673,6 +677,7 @@ fn report(what: &str, result: impl std::fmt::Display) {
 
 #[tokio::test]
 async fn api_and_worker_hosts_share_postgres_and_s3_and_survive_a_lost_host_and_a_store_outage() {
+    let _one_at_a_time = SEAWEEDFS.lock().await;
     let setup = Instant::now();
     let cluster = Cluster::start(&["w1", "w2"]).await;
     report(
@@ -839,10 +844,19 @@ async fn api_and_worker_hosts_share_postgres_and_s3_and_survive_a_lost_host_and_
         ),
     );
     // … and goes on with other work.
-    let third = cluster.submit(recipe(2));
+    // A long job keeps one host busy: the next one is the other host's.
+    let third = cluster.submit(
+        json!({ "dataset_id": dataset, "epochs": 6, "image_size": 64,
+        "batch_size": 4 }),
+    );
+    cluster
+        .wait_for(&third, Duration::from_secs(120), |status, _| {
+            status == "running"
+        })
+        .await;
     let fourth = cluster.submit(recipe(2));
     for job in [&third, &fourth] {
-        cluster.wait_succeeded(job, Duration::from_secs(240)).await;
+        cluster.wait_succeeded(job, Duration::from_secs(300)).await;
     }
     let later = [
         cluster.run_hosts(&third).await,
@@ -911,6 +925,7 @@ async fn api_and_worker_hosts_share_postgres_and_s3_and_survive_a_lost_host_and_
 /// the size (scripts/cluster-check: 1024, and the RSS is reported there).
 #[tokio::test]
 async fn large_artifacts_go_up_multipart_and_come_down_streamed() {
+    let _one_at_a_time = SEAWEEDFS.lock().await;
     let mib: usize = std::env::var("FINETUNED_LARGE_OBJECT_MIB")
         .ok()
         .and_then(|v| v.parse().ok())
