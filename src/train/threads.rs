@@ -50,7 +50,12 @@ impl ThreadTuner {
         if device != tch::Device::Cpu || configured <= 1 {
             return None;
         }
-        Some(Self {
+        Some(Self::between(configured))
+    }
+
+    /// A tuner choosing between `configured` threads and one.
+    fn between(configured: i32) -> Self {
+        Self {
             counts: [configured, 1],
             chosen: 0,
             per_image: [None, None],
@@ -58,7 +63,7 @@ impl ThreadTuner {
             until_probe: 1,
             interval: FIRST_INTERVAL,
             warmed_up: false,
-        })
+        }
     }
 
     /// The count the next step runs at (set on the calling thread).
@@ -139,15 +144,7 @@ mod tests {
     use super::*;
 
     fn tuner() -> ThreadTuner {
-        ThreadTuner {
-            counts: [2, 1],
-            chosen: 0,
-            per_image: [None, None],
-            probing: false,
-            until_probe: 1,
-            interval: FIRST_INTERVAL,
-            warmed_up: false,
-        }
+        ThreadTuner::between(2)
     }
 
     /// Runs steps whose time per image depends on the count in use.
