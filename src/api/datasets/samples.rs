@@ -81,7 +81,12 @@ pub async fn samples(
     if !errors.is_empty() {
         return Err(ApiError::invalid("invalid sample query", errors));
     }
-    let dir = state.artifacts.fetch(&dataset.artifact_key).await?;
+    // A client is waiting: an unreachable store is a 503 now, not minutes of retries.
+    let dir = state
+        .artifacts
+        .impatient()
+        .fetch(&dataset.artifact_key)
+        .await?;
     let classes = classes.clone();
     let splits: Vec<String> = splits.into_iter().map(str::to_string).collect();
     let items = tokio::task::spawn_blocking(move || {
