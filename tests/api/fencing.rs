@@ -423,7 +423,9 @@ async fn a_frozen_worker_thawed_after_a_takeover_writes_nothing() {
         "--workers",
         "1",
         "--lease-secs",
-        "6",
+        // Long enough that the loaded CI machine (fsync stalls, two tests
+        // training at once) does not cost the second worker its lease too.
+        "10",
         "--log-format",
         "json",
     ];

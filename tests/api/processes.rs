@@ -222,7 +222,8 @@ async fn two_worker_processes_share_the_queue_and_survive_a_kill() {
             .await,
         );
     }
-    let args = ["worker", "--workers", "1", "--lease-secs", "3"];
+    // A lease the survivor keeps through the load of a CI machine.
+    let args = ["worker", "--workers", "1", "--lease-secs", "6"];
     let mut workers = vec![
         Finetuned::start(&args, &app, "worker-a.log"),
         Finetuned::start(&args, &app, "worker-b.log"),
