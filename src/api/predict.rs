@@ -1,6 +1,7 @@
 //! `POST /predict`: top-k labels for images, as multipart `image` parts, a
 //! JSON body of base64 images, or one raw `image/*` body.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
@@ -9,8 +10,10 @@ use axum::extract::{FromRequest, Multipart, Request, State};
 use axum::http::header;
 use axum::Json;
 use base64::Engine;
-use futures_util::future::join_all;
+use futures_util::future;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
 use uuid::Uuid;
 
 use super::extract::ApiQuery;
@@ -103,51 +106,35 @@ pub async fn predict(
     }
 
     // Decode on the blocking pool, as many at once as there are permits, to
-    // the side the model's dataset was stored at.
-    let stored_size = model.stored_size as u32;
-    let decoded = join_all(uploads.iter().map(|upload| {
-        let bytes = upload.bytes.clone();
-        let permits = state.decode_permits.clone();
-        async move {
-            let bytes = bytes?;
-            let _permit = permits.acquire_owned().await.map_err(|err| {
-                tracing::error!(error = %err, "no decode permit");
-                DECODE_FAILED.to_string()
-            })?;
-            tokio::task::spawn_blocking(move || preprocess::decode_at(&bytes, stored_size))
-                .await
-                .map_err(|err| {
-                    tracing::error!(error = %err, "an image's decode task failed");
-                    DECODE_FAILED.to_string()
-                })?
-                .map_err(|reason| format!("cannot decode: {reason}"))
-        }
-    }))
-    .await;
-    let good: Vec<Vec<u8>> = decoded
-        .iter()
-        .filter_map(|d| d.as_ref().ok().cloned())
-        .collect();
-    if good.is_empty() {
-        let errors = uploads
-            .iter()
-            .zip(&decoded)
-            .enumerate()
-            .map(|(i, (u, d))| {
-                FieldError::new(
-                    image_path(i, &u.filename),
-                    d.as_ref().err().cloned().unwrap_or_default(),
-                )
-            })
-            .collect();
-        return Err(ApiError::invalid("no image could be decoded", errors));
-    }
-
+    // the side the model's dataset was stored at; each image goes to the
+    // inference threads the moment it is decoded, so decoding the rest
+    // overlaps the first forward passes.
     let spec = model_spec(&state, &model).await?;
-    let decoded_at = Instant::now();
+    let stored_size = spec.stored_size;
+    let mut failures: Vec<Option<String>> = vec![None; uploads.len()];
+    let decoding: FuturesUnordered<_> = uploads
+        .iter()
+        .enumerate()
+        .map(|(place, upload)| {
+            let bytes = upload.bytes.clone();
+            let permits = state.decode_permits.clone();
+            async move { (place, decode(bytes, permits, stored_size).await) }
+        })
+        .collect();
+    let ready = decoding.filter_map(|(place, decoded)| {
+        future::ready(match decoded {
+            Ok(image) => Some((place, image)),
+            Err(reason) => {
+                failures[place] = Some(reason);
+                None
+            }
+        })
+    });
     let predicted = tokio::time::timeout(
         state.predict_timeout,
-        state.predictor.predict(spec, good, top_k),
+        state
+            .predictor
+            .predict_as_ready(spec, top_k, uploads.len(), ready),
     )
     .await
     .map_err(|_| {
@@ -163,28 +150,37 @@ pub async fn predict(
         ServeError::Stopped => ApiError::Unavailable(err.to_string()),
         other => ApiError::Internal(other.into()),
     })?;
+    if predicted.is_empty() {
+        let errors = uploads
+            .iter()
+            .zip(&failures)
+            .enumerate()
+            .map(|(i, (u, reason))| {
+                FieldError::new(
+                    image_path(i, &u.filename),
+                    reason.clone().unwrap_or_default(),
+                )
+            })
+            .collect();
+        return Err(ApiError::invalid("no image could be decoded", errors));
+    }
 
     tracing::debug!(
-        decode_ms = (decoded_at - started).as_secs_f64() * 1e3,
-        inference_ms = decoded_at.elapsed().as_secs_f64() * 1e3,
+        ms = started.elapsed().as_secs_f64() * 1e3,
         images = uploads.len(),
         "predicted"
     );
-    let mut predicted = predicted.into_iter();
+    let mut predictions: Vec<Option<Vec<Prediction>>> = vec![None; uploads.len()];
+    for (place, rows) in predicted {
+        predictions[place] = Some(rows);
+    }
     let results = uploads
         .into_iter()
-        .zip(decoded)
-        .map(|(upload, decoded)| match decoded {
-            Ok(_) => ImageResult {
-                filename: upload.filename,
-                predictions: predicted.next(),
-                error: None,
-            },
-            Err(reason) => ImageResult {
-                filename: upload.filename,
-                predictions: None,
-                error: Some(reason),
-            },
+        .zip(predictions.into_iter().zip(failures))
+        .map(|(upload, (predictions, error))| ImageResult {
+            filename: upload.filename,
+            predictions,
+            error,
         })
         .collect();
     metrics::histogram!(telemetry::PREDICT_SECONDS).record(started.elapsed().as_secs_f64());
@@ -193,6 +189,26 @@ pub async fn predict(
         results,
         elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
     }))
+}
+
+/// Decodes one image on the blocking pool once a decode permit is free.
+async fn decode(
+    bytes: Result<Bytes, String>,
+    permits: Arc<Semaphore>,
+    stored_size: u32,
+) -> Result<Vec<u8>, String> {
+    let bytes = bytes?;
+    let _permit = permits.acquire_owned().await.map_err(|err| {
+        tracing::error!(error = %err, "no decode permit");
+        DECODE_FAILED.to_string()
+    })?;
+    tokio::task::spawn_blocking(move || preprocess::decode_at(&bytes, stored_size))
+        .await
+        .map_err(|err| {
+            tracing::error!(error = %err, "an image's decode task failed");
+            DECODE_FAILED.to_string()
+        })?
+        .map_err(|reason| format!("cannot decode: {reason}"))
 }
 
 /// Reads the request's images in whichever form it came.

@@ -4,8 +4,9 @@
 //! maximum batch, and runs each model's share as one forward pass.
 //!
 //! A request carrying many images reaches the queue as several items of at
-//! most `max_batch` images each (see [`super::Predictor::predict`]), so the
-//! threads share its images as they share single-image requests.
+//! most `max_batch` images each, each queued as soon as its images are
+//! decoded (see [`super::Predictor::predict_as_ready`]), so the threads
+//! share its images as they share single-image requests.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -71,22 +72,48 @@ pub(super) struct Queue {
 }
 
 impl Queue {
-    /// Queues a request's items together, or refuses them all at once when
-    /// they do not fit.
-    pub(super) fn send_all(&self, items: Vec<Request>) -> Result<(), ServeError> {
-        let n = items.len();
+    /// Holds room for `items` queue items, or refuses at once when they do
+    /// not fit. The room is taken before the request's images are decoded,
+    /// so an overloaded server refuses cheaply and a request admitted never
+    /// finds the queue full halfway.
+    pub(super) fn reserve(&self, items: usize) -> Result<Reservation, ServeError> {
         self.waiting
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |waiting| {
-                (waiting == 0 || waiting + n <= self.capacity).then_some(waiting + n)
+                (waiting == 0 || waiting + items <= self.capacity).then_some(waiting + items)
             })
             .map_err(|_| ServeError::Overloaded)?;
-        for (sent, item) in items.into_iter().enumerate() {
-            if self.line.send(item).is_err() {
-                self.waiting.fetch_sub(n - sent, Ordering::SeqCst);
-                return Err(ServeError::Stopped);
-            }
+        Ok(Reservation {
+            queue: self.clone(),
+            unsent: items,
+        })
+    }
+}
+
+/// Room held in the queue for one request's items; what is left unused
+/// (images that failed to decode, a request given up) is given back when it
+/// drops.
+pub(super) struct Reservation {
+    queue: Queue,
+    unsent: usize,
+}
+
+impl Reservation {
+    /// Queues an item in the room held for it.
+    pub(super) fn send(&mut self, item: Request) -> Result<(), ServeError> {
+        debug_assert!(self.unsent > 0, "more items sent than reserved");
+        self.unsent = self.unsent.saturating_sub(1);
+        self.queue.line.send(item).map_err(|_| {
+            self.queue.waiting.fetch_sub(1, Ordering::SeqCst);
+            ServeError::Stopped
+        })
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.unsent > 0 {
+            self.queue.waiting.fetch_sub(self.unsent, Ordering::SeqCst);
         }
-        Ok(())
     }
 }
 
@@ -107,7 +134,7 @@ impl Inbox {
 /// Starts the inference threads: returns the shared queue and each thread's
 /// private warm-up line.
 pub(super) fn spawn(config: BatchingConfig) -> std::io::Result<(Queue, Vec<Line>)> {
-    // Unbounded underneath: `Queue::send_all` enforces the bound.
+    // Unbounded underneath: `Queue::reserve` enforces the bound.
     let (line, receiver) = channel::unbounded::<Request>();
     let waiting = Arc::new(AtomicUsize::new(0));
     let queue = Queue {
@@ -255,5 +282,62 @@ fn run(cache: &mut ModelCache, batch: Vec<Request>) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::preprocess::Normalization;
+
+    fn item() -> Request {
+        Request {
+            model: ModelSpec {
+                id: uuid::Uuid::nil(),
+                checkpoint: "unused".into(),
+                backbone: "mobilenet_v2".into(),
+                labels: vec![],
+                image_size: 32,
+                stored_size: 32,
+                normalization: Normalization::IMAGENET,
+                script: None,
+            },
+            images: vec![],
+            top_k: 1,
+            reply: oneshot::channel().0,
+        }
+    }
+
+    #[test]
+    fn room_held_and_not_used_is_given_back() {
+        let (line, receiver) = channel::unbounded();
+        let waiting = Arc::new(AtomicUsize::new(0));
+        let queue = Queue {
+            line,
+            waiting: waiting.clone(),
+            capacity: 4,
+        };
+        let inbox = Inbox {
+            line: receiver,
+            waiting: waiting.clone(),
+        };
+
+        // Three images admitted; one decodes and is queued, two fail.
+        let mut room = queue.reserve(3).unwrap();
+        assert!(matches!(queue.reserve(2), Err(ServeError::Overloaded)));
+        room.send(item()).unwrap();
+        drop(room);
+        assert_eq!(waiting.load(Ordering::SeqCst), 1, "the queued item waits");
+        inbox.taken(inbox.line.recv().unwrap());
+        assert_eq!(waiting.load(Ordering::SeqCst), 0);
+
+        // The whole queue is free again; a request larger than it is still
+        // admitted when nothing waits, and then nothing else is.
+        let all = queue.reserve(4).unwrap();
+        drop(all);
+        let oversized = queue.reserve(9).unwrap();
+        assert!(matches!(queue.reserve(1), Err(ServeError::Overloaded)));
+        drop(oversized);
+        assert_eq!(waiting.load(Ordering::SeqCst), 0);
     }
 }

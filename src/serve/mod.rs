@@ -22,7 +22,7 @@ mod loading;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use futures_util::future::join_all;
+use futures_util::{Stream, StreamExt};
 use serde::Serialize;
 use tokio::sync::oneshot;
 use uuid::Uuid;
@@ -92,37 +92,54 @@ impl Predictor {
         })
     }
 
-    /// Top-`top_k` labels with softmax scores for each image, best first,
-    /// in the order of `images`.
+    /// Top-`top_k` labels with softmax scores for images that are still
+    /// being decoded: `ready` yields each image with its place in the
+    /// request, in whatever order it finishes. Returns each image's
+    /// predictions with its place.
     ///
-    /// The images are queued in groups of at most the maximum batch (one
-    /// image each on the CPU), so every free inference thread takes a share
-    /// of a many-image request, as it would of as many single-image
-    /// requests; on a GPU a thread still gathers groups into full batches.
-    /// The groups are admitted together or refused together.
-    pub async fn predict(
+    /// Room in the queue for `count` images is taken first, for all of them
+    /// or none (refused at once when the queue is full, before any is
+    /// decoded). The images are then queued in groups of at most the
+    /// maximum batch (one image each on the CPU) as they become ready, so
+    /// every free inference thread starts on the first while the rest still
+    /// decode, as it would on as many single-image requests; on a GPU a
+    /// thread still gathers groups into full batches.
+    pub async fn predict_as_ready(
         &self,
         model: ModelSpec,
-        images: Vec<Vec<u8>>,
         top_k: usize,
-    ) -> Result<Vec<Vec<Prediction>>, ServeError> {
-        let mut items = Vec::new();
+        count: usize,
+        ready: impl Stream<Item = (usize, Vec<u8>)>,
+    ) -> Result<Vec<(usize, Vec<Prediction>)>, ServeError> {
+        let mut room = self.queue.reserve(count.div_ceil(self.chunk))?;
+        let mut ready = std::pin::pin!(ready);
         let mut answers = Vec::new();
-        let mut images = images.into_iter().peekable();
-        while images.peek().is_some() {
-            let (reply, answer) = oneshot::channel();
-            items.push(Request {
-                model: model.clone(),
-                images: images.by_ref().take(self.chunk).collect(),
-                top_k,
-                reply,
-            });
-            answers.push(answer);
+        let mut group = Vec::new();
+        loop {
+            let next = ready.next().await;
+            let ended = next.is_none();
+            group.extend(next);
+            if group.len() == self.chunk || (ended && !group.is_empty()) {
+                let (places, images): (Vec<usize>, Vec<Vec<u8>>) =
+                    std::mem::take(&mut group).into_iter().unzip();
+                let (reply, answer) = oneshot::channel();
+                room.send(Request {
+                    model: model.clone(),
+                    images,
+                    top_k,
+                    reply,
+                })?;
+                answers.push((places, answer));
+            }
+            if ended {
+                break;
+            }
         }
-        self.queue.send_all(items)?;
+        drop(room);
         let mut predictions = Vec::new();
-        for answer in join_all(answers).await {
-            predictions.extend(answer.map_err(|_| ServeError::Stopped)??);
+        for (places, answer) in answers {
+            let rows = answer.await.map_err(|_| ServeError::Stopped)??;
+            predictions.extend(places.into_iter().zip(rows));
         }
         Ok(predictions)
     }
