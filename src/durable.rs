@@ -60,6 +60,11 @@ pub fn write_bytes(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     })
 }
 
+/// Copies `from` to `to`, whole or not at all.
+pub fn copy(from: &Path, to: &Path) -> std::io::Result<()> {
+    write_with(to, |partial| std::fs::copy(from, partial).map(drop))
+}
+
 /// Removes `.partial` files under `root` older than `age` (what crashed
 /// writers left; younger ones may belong to a writer still running).
 /// Returns the paths removed.

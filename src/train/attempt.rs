@@ -107,7 +107,7 @@ impl Worker {
                         handled = reply;
                     }
                     Some(Message::Done(result)) => {
-                        return self.ended(lease, &job_dir, card, result, failure, stopper.reason).await;
+                        return self.ended(lease, run_id, &job_dir, card, result, failure, stopper.reason).await;
                     }
                     None => return Err(RunError::Stopped(stopper.reason.unwrap_or(StopReason::Shutdown))),
                 },
@@ -150,9 +150,11 @@ impl Worker {
 
     /// What a run came to once its thread ended. A finished run's model card
     /// is written and published only while the lease still holds.
+    #[allow(clippy::too_many_arguments)]
     async fn ended(
         &self,
         lease: &Lease,
+        run_id: Uuid,
         job_dir: &Path,
         card: ModelCard,
         result: Result<TrainSummary, TrainError>,
@@ -184,8 +186,14 @@ impl Worker {
             return Err(RunError::Stopped(StopReason::LeaseLost));
         }
         write_model_card(job_dir, &card).map_err(|e| RunError::Failed(e.to_string()))?;
+        // The model is the best checkpoint under a name of this run's own:
+        // `best.safetensors` is shared by the job's attempts, and an upload a
+        // cut-off earlier attempt had already sent can still land on it.
+        let model_file = model_file(run_id);
+        crate::durable::copy(&job_dir.join(BEST_CHECKPOINT), &job_dir.join(&model_file))
+            .map_err(|e| RunError::Failed(format!("writing the model file failed: {e}")))?;
         let key = Artifacts::job_key(lease.job_id);
-        for file in [BEST_CHECKPOINT, MODEL_CARD_FILE] {
+        for file in [model_file.as_str(), MODEL_CARD_FILE] {
             self.artifacts
                 .publish(&format!("{key}/{file}"))
                 .await
@@ -254,4 +262,10 @@ async fn wait_for_shutdown(shutdown: &mut Option<watch::Receiver<bool>>) {
         }
         None => std::future::pending().await,
     }
+}
+
+/// The finished model's file in the job's directory: the best checkpoint,
+/// named for the run that made it, so nothing else ever writes that key.
+pub(super) fn model_file(run_id: Uuid) -> String {
+    format!("model-{run_id}.safetensors")
 }

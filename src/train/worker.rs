@@ -24,7 +24,7 @@ use super::attempt::{Finished, RunError, StopReason};
 use super::backbone;
 use super::config::JobConfig;
 use super::lease::{reap, reap_every, reap_period};
-use super::trainer::{self, Resume, TrainSpec, BEST_CHECKPOINT};
+use super::trainer::{self, Resume, TrainSpec};
 use crate::artifacts::Artifacts;
 use crate::data::preprocess::Normalization;
 use crate::models;
@@ -246,7 +246,11 @@ impl Worker {
                 let best = store::metrics::epoch(&self.pool, id, summary.best_epoch)
                     .await?
                     .context("the best epoch's metrics are missing")?;
-                let key = format!("{}/{BEST_CHECKPOINT}", Artifacts::job_key(id));
+                let key = format!(
+                    "{}/{}",
+                    Artifacts::job_key(id),
+                    super::attempt::model_file(run_id)
+                );
                 let model_id = store::models::insert(
                     &mut fenced,
                     store::models::NewModel {

@@ -708,9 +708,14 @@ async fn api_and_worker_hosts_share_postgres_and_s3_and_survive_a_lost_host_and_
     );
     let served = cluster.predict(&cluster.model_of(&first).await);
     assert_eq!(served.status, 200, "{}", served.body);
+    let model_key: String = sqlx::query_scalar("SELECT artifact_key FROM models WHERE job_id = $1")
+        .bind(Uuid::parse_str(&first).unwrap())
+        .fetch_one(&cluster.pool)
+        .await
+        .unwrap();
     assert!(
-        api_cache.join(&first).join("best.safetensors").exists(),
-        "fetched from S3"
+        cluster.dir.join("api/artifacts").join(&model_key).exists(),
+        "{model_key} fetched from S3"
     );
     let objects = cluster.objects().await;
     let keys: Vec<&str> = objects.iter().map(|(k, _)| k.as_str()).collect();
@@ -877,10 +882,11 @@ async fn api_and_worker_hosts_share_postgres_and_s3_and_survive_a_lost_host_and_
         "{lost} took new work after its link came back: {later:?}"
     );
     // Every row the old host might write is fenced by its lease: none
-    // changed. Its objects are not: a request it had handed to the kernel
-    // before the cut (a checkpoint's PUT) can still reach the store when the
-    // link returns, although the host gave the job up (checkpoint keys are
-    // per job, not per attempt). Reported, not asserted.
+    // changed; nor did the model, whose key names the run that made it.
+    // Checkpoints are not fenced: a PUT the old host had handed to its kernel
+    // before the cut can still reach the store when the link returns,
+    // although the host gave the job up (their keys are the job's, shared by
+    // its attempts). Reported, not asserted.
     let after = (
         job_objects(cluster.objects().await),
         cluster.epochs(&long).await,
@@ -888,6 +894,21 @@ async fn api_and_worker_hosts_share_postgres_and_s3_and_survive_a_lost_host_and_
     assert_eq!(
         before.1, after.1,
         "the old host recorded epochs for a job it lost"
+    );
+    let long_model: String =
+        sqlx::query_scalar("SELECT artifact_key FROM models WHERE job_id = $1")
+            .bind(Uuid::parse_str(&long).unwrap())
+            .fetch_one(&cluster.pool)
+            .await
+            .unwrap();
+    let model_object = |objects: &Vec<(String, Option<String>)>| {
+        objects.iter().find(|(key, _)| *key == long_model).cloned()
+    };
+    assert!(model_object(&before.0).is_some(), "{long_model} is stored");
+    assert_eq!(
+        model_object(&before.0),
+        model_object(&after.0),
+        "the served model changed after the old host came back"
     );
     let late: Vec<&String> = after
         .0

@@ -8,6 +8,7 @@ use finetuned::artifacts::Artifacts;
 use finetuned::train::Worker;
 use image::ImageFormat;
 use serde_json::json;
+use uuid::Uuid;
 
 use crate::helpers::{encode, ran_status, render, torch_rng, TestApp};
 
@@ -90,8 +91,18 @@ async fn hosts_share_datasets_checkpoints_and_models_through_the_store() {
     assert!(!api_cache.join(format!("jobs/{job}")).exists());
     let png = encode(&render(0, 99, 48), ImageFormat::Png);
     assert_eq!(app.predict_one(None, "x.png", png).await.len(), 3);
-    assert!(api_cache
-        .join(format!("jobs/{job}/best.safetensors"))
-        .exists());
+    // The model is the best checkpoint under its run's own name, a key no
+    // other attempt of the job writes.
+    let model_key: String = sqlx::query_scalar("SELECT artifact_key FROM models WHERE job_id = $1")
+        .bind(Uuid::parse_str(&job).unwrap())
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert!(
+        model_key.starts_with(&format!("jobs/{job}/model-")),
+        "{model_key}"
+    );
+    assert!(stored.contains(&model_key), "{model_key} not published");
+    assert!(api_cache.join(&model_key).exists());
     let _ = std::fs::remove_dir_all(&scratch);
 }
